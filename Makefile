@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: venv demo test bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	# constraints.txt pins torch==2.13.0 (the CPU wheel): an unpinned torch pulls GBs of CUDA.
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# Only for its CLIP BPE vocabulary file; --no-deps keeps torchvision out.
+	$(PY) -m pip install -q --no-deps clip-anytorch==2.6.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m daam_fast.cli demo --out daam-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+lint: $(STAMP)
+	$(PY) -m ruff check daam_fast tests benchmarks
+
+clean:
+	rm -rf $(VENV) daam-out build *.egg-info

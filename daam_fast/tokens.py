@@ -187,7 +187,7 @@ def _find(query: list[_Segment], words: list[_Segment]) -> list[list[tuple[int, 
     n, i = len(query), 0
     while i + n <= len(words):
         spans = []
-        for j, (q, w) in enumerate(zip(query, words[i : i + n])):
+        for j, (q, w) in enumerate(zip(query, words[i : i + n], strict=True)):
             if q.unspaced != w.unspaced:
                 break
             if not q.unspaced or (0 < j < n - 1):
@@ -246,6 +246,37 @@ class PromptTokens:
     def n_tokens(self) -> int:
         """Length of the encoded window: start token + prompt tokens + end token."""
         return len(self.input_ids)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (for saved heat maps); :meth:`from_dict` rebuilds the object without a tokenizer."""
+        return {
+            "prompt": self.prompt,
+            "input_ids": list(self.input_ids),
+            "tokens": list(self.tokens),
+            "offsets": [list(o) for o in self.offsets],
+            "words": [[w.text, w.start, w.end, list(w.positions)] for w in self.words],
+            "truncated_words": list(self.truncated_words),
+            "max_length": self.max_length,
+            "untruncated_offsets": None
+            if self.untruncated_offsets is None
+            else [list(o) for o in self.untruncated_offsets],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PromptTokens:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            prompt=d["prompt"],
+            input_ids=[int(i) for i in d["input_ids"]],
+            tokens=list(d["tokens"]),
+            offsets=[(int(a), int(b)) for a, b in d["offsets"]],
+            words=[Word(t, int(a), int(b), tuple(int(p) for p in ps)) for t, a, b, ps in d["words"]],
+            truncated_words=list(d["truncated_words"]),
+            max_length=int(d["max_length"]),
+            untruncated_offsets=None
+            if d.get("untruncated_offsets") is None
+            else [(int(a), int(b)) for a, b in d["untruncated_offsets"]],
+        )
 
     @functools.cached_property
     def _segments(self) -> list[_Segment]:

@@ -114,8 +114,8 @@ def test_gpu_block_table(monkeypatch, D, L, T, S):
     monkeypatch.setattr(triton_capture, "INTERPRET", False)
     monkeypatch.setattr(triton_capture, "_sm_count", lambda index: 132)
     bl = triton_capture.block_sizes(D, T, S, L, 2, torch.device("cuda", 0))
-    for size in (bl.l, bl.t, bl.d, bl.s):
+    for size in (bl.queries, bl.tokens, bl.dim, bl.keys):
         assert size >= 16 and size & (size - 1) == 0, bl
-    assert bl.d >= D and bl.d < 2 * max(D, 16) and bl.t <= 128 and bl.num_warps in (4, 8)
-    programs = 2 * -(-L // bl.l) * -(-T // bl.t)
-    assert programs >= 132 or bl.l == 16, (bl, programs)
+    assert bl.dim >= D and bl.dim < 2 * max(D, 16) and bl.tokens <= 128 and bl.num_warps in (4, 8)
+    programs = 2 * -(-L // bl.queries) * -(-T // bl.tokens)
+    assert programs >= 132 or bl.queries == 16, (bl, programs)

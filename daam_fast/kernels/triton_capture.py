@@ -62,13 +62,13 @@ MAX_HEAD_DIM = 256
 
 @dataclass(frozen=True)
 class Blocks:
-    """Tile sizes of one launch: queries ``l``, selected tokens ``t``, head dim ``d`` (padded to a power
-    of two, masked), keys per online-softmax step ``s``, and warps per program."""
+    """Tile sizes of one launch: ``queries``, selected ``tokens``, head ``dim`` (padded to a power of
+    two, masked), ``keys`` per online-softmax step, and ``num_warps`` per program."""
 
-    l: int
-    t: int
-    d: int
-    s: int = 16
+    queries: int
+    tokens: int
+    dim: int
+    keys: int = 16
     num_warps: int = 4
 
 
@@ -106,7 +106,12 @@ def block_sizes(head_dim: int, n_cols: int, n_keys: int, n_rows: int, n_batch: i
         raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
     bd = _pow2(head_dim)
     if INTERPRET or device.type != "cuda":
-        return Blocks(l=_INTERP_BLOCK_L, t=min(_pow2(n_cols), _INTERP_MAX_BLOCK), d=bd, s=min(_pow2(n_keys), 512))
+        return Blocks(
+            queries=_INTERP_BLOCK_L,
+            tokens=min(_pow2(n_cols), _INTERP_MAX_BLOCK),
+            dim=bd,
+            keys=min(_pow2(n_keys), _INTERP_MAX_BLOCK),
+        )
     bl, bs = _GPU_TABLE[bd]
     bs = min(bs, _pow2(n_keys))
     bt = min(_pow2(n_cols), _GPU_MAX_BLOCK_T)
@@ -114,7 +119,7 @@ def block_sizes(head_dim: int, n_cols: int, n_keys: int, n_rows: int, n_batch: i
     while bl > _GPU_MIN_BLOCK_L and n_batch * triton.cdiv(n_rows, bl) * triton.cdiv(n_cols, bt) < n_sm:
         bl //= 2
     warps = 4 if bl * max(bt, bs, bd) <= 4096 else 8
-    return Blocks(l=bl, t=bt, d=bd, s=bs, num_warps=warps)
+    return Blocks(queries=bl, tokens=bt, dim=bd, keys=bs, num_warps=warps)
 
 
 def upcast_for(dtype: torch.dtype) -> tuple[bool, str | None]:
@@ -244,13 +249,13 @@ def capture_from_lse(
     bl = blocks or block_sizes(D, T, T, L, B, q.device)
     bias_t, sb = bias_view(bias, (B, H, L, T), q)
     upcast, precision = upcast_for(q.dtype)
-    grid = (triton.cdiv(L, bl.l), triton.cdiv(T, bl.t), B)
+    grid = (triton.cdiv(L, bl.queries), triton.cdiv(T, bl.tokens), B)
     _capture_lse_kernel[grid](
         q, k_sel, lse, out, bias_t,
         L, T, D, float(scale),
         *q.stride(), *k_sel.stride(), *lse.stride(), *out_strides(out, per_head), *sb,
         H=H, HAS_BIAS=bias is not None, PER_HEAD=per_head, UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_L=bl.l, BLOCK_T=bl.t, BLOCK_D=bl.d, num_warps=bl.num_warps,
+        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_D=bl.dim, num_warps=bl.num_warps,
     )  # fmt: skip
     return out
 

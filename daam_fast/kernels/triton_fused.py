@@ -167,14 +167,14 @@ def _launch(q, k, v, token_idx, scale, out, bias, blocks: Blocks | None) -> torc
     upcast, precision = upcast_for(q.dtype)
     v_t, sv = (v, v.stride()) if v is not None else (k, (0, 0, 0, 0))
     o_t, so = (o, o.stride()) if o is not None else (q, (0, 0, 0, 0))
-    grid = (triton.cdiv(L, bl.l), triton.cdiv(T, bl.t), B)
+    grid = (triton.cdiv(L, bl.queries), triton.cdiv(T, bl.tokens), B)
     _attn_capture_kernel[grid](
         q, k, v_t, o_t, idx, out, bias_t,
         L, S, T, D, float(scale),
         *q.stride(), *k.stride(), *sv, *so, *out_strides(out, per_head), *sb,
-        H=H, KEY_BLOCKS=triton.cdiv(S, bl.s), HAS_V=v is not None, HAS_BIAS=bias is not None, PER_HEAD=per_head,
+        H=H, KEY_BLOCKS=triton.cdiv(S, bl.keys), HAS_V=v is not None, HAS_BIAS=bias is not None, PER_HEAD=per_head,
         UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_L=bl.l, BLOCK_T=bl.t, BLOCK_S=bl.s, BLOCK_D=bl.d, num_warps=bl.num_warps,
+        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_S=bl.keys, BLOCK_D=bl.dim, num_warps=bl.num_warps,
     )  # fmt: skip
     return o
 

@@ -112,6 +112,6 @@ def test_torch_compile_keeps_the_ops_in_the_graph(monkeypatch):
     for name in ("triton_capture_from_lse", "triton_capture_self_normalising", "triton_fused_attention_capture"):
         assert f"daam_fast.{name}" in targets, targets
     torch.testing.assert_close(o, o_eager, atol=0, rtol=0)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
     assert got[1].abs().sum() > 0

@@ -158,7 +158,7 @@ def _require_ops():
 # Validation (metadata only, so it also runs on FakeTensors and in the fake kernels)
 
 
-def _check_qk(q: torch.Tensor, k: torch.Tensor, name_k: str) -> tuple[int, int, int, int, int]:
+def _check_qk(q: torch.Tensor, k: torch.Tensor, name_k: str, require_cuda: bool) -> tuple[int, int, int, int, int]:
     if q.dim() != 4:
         raise ValueError(f"q must be [B, H, L, D], got shape {tuple(q.shape)}")
     B, H, L, D = q.shape
@@ -168,7 +168,7 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor, name_k: str) -> tuple[int, int, 
         raise TypeError(f"the cuda backend takes q as float16, bfloat16 or float32, got {q.dtype}")
     if k.dtype != q.dtype:
         raise TypeError(f"{name_k} dtype {k.dtype} differs from q dtype {q.dtype}")
-    if q.device.type != "cuda":
+    if require_cuda and q.device.type != "cuda":
         raise ValueError(f"the cuda backend needs CUDA tensors, got q on {q.device}")
     if k.device != q.device:
         raise ValueError(f"{name_k} is on {k.device} but q is on {q.device}")
@@ -202,13 +202,20 @@ def _check_bias(bias: torch.Tensor | None, q: torch.Tensor, shape: tuple[int, ..
 
 
 def validate_capture_from_lse(
-    q: torch.Tensor, k_sel: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None
+    q: torch.Tensor,
+    k_sel: torch.Tensor,
+    lse: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    require_cuda: bool = True,
 ) -> tuple[int, int, int, int, int]:
-    """Check the arguments of :func:`capture_from_lse`; returns ``(B, H, L, D, T)``.
+    """Check the arguments of :func:`capture_from_lse`; returns ``(B, H, L, D, T)``. ``require_cuda=False``
+    skips the device-type check (fake kernels: the dispatcher already routes by device).
 
     Raises ``ValueError`` (shapes, devices) or ``TypeError`` (dtypes) with the offending shapes in the message.
     """
-    B, H, L, D, T = _check_qk(q, k_sel, "k_sel")
+    B, H, L, D, T = _check_qk(q, k_sel, "k_sel", require_cuda)
     if tuple(lse.shape) != (B, H, L):
         raise ValueError(f"lse must be [B, H, L] = {(B, H, L)}, got {tuple(lse.shape)}")
     if lse.dtype != torch.float32:
@@ -221,11 +228,17 @@ def validate_capture_from_lse(
 
 
 def validate_capture_self_normalising(
-    q: torch.Tensor, k: torch.Tensor, token_idx: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    token_idx: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    require_cuda: bool = True,
 ) -> tuple[int, int, int, int, int, int]:
     """Check the arguments of :func:`capture_self_normalising` (metadata only: index values are checked by
     the caller); returns ``(B, H, L, D, S, T)``."""
-    B, H, L, D, S = _check_qk(q, k, "k")
+    B, H, L, D, S = _check_qk(q, k, "k", require_cuda)
     if S == 0:
         raise ValueError("k has no keys (S = 0): the softmax over keys is undefined")
     if token_idx.dim() != 1 or token_idx.numel() == 0:
@@ -241,7 +254,7 @@ def validate_capture_self_normalising(
 def fake_capture_from_lse(q, k_sel, lse, scale, out, bias=None) -> None:
     """Fake kernel of ``daam_fast::capture_from_lse``: checks metadata as the CUDA op does; mutates ``out``
     only, returns nothing."""
-    B, H, L, _, T = validate_capture_from_lse(q, k_sel, lse, out, bias)
+    B, H, L, _, T = validate_capture_from_lse(q, k_sel, lse, out, bias, require_cuda=False)
     if bias is not None and (tuple(bias.shape) != (B, H, L, T) or bias.dtype != torch.float32):
         raise ValueError(
             f"the op takes bias as float32 [B, H, L, T] = {(B, H, L, T)}, got {bias.dtype} "
@@ -251,9 +264,11 @@ def fake_capture_from_lse(q, k_sel, lse, scale, out, bias=None) -> None:
 
 def fake_capture_self_normalising(q, k, token_idx, scale, out, bias=None) -> None:
     """Fake kernel of ``daam_fast::capture_self_normalising`` (see :func:`fake_capture_from_lse`)."""
-    B, H, L, _, S, _ = validate_capture_self_normalising(q, k, token_idx, out, bias)
-    if token_idx.dtype != torch.int64 or token_idx.device != q.device:
-        raise ValueError(f"the op takes token_idx as int64 on {q.device}, got {token_idx.dtype} on {token_idx.device}")
+    B, H, L, _, S, _ = validate_capture_self_normalising(q, k, token_idx, out, bias, require_cuda=False)
+    if token_idx.dtype != torch.int64 or token_idx.device != q.device or not token_idx.is_contiguous():
+        raise ValueError(
+            f"the op takes token_idx as contiguous int64 on {q.device}, got {token_idx.dtype} on {token_idx.device}"
+        )
     if bias is not None and (tuple(bias.shape) != (B, H, L, S) or bias.dtype != torch.float32):
         raise ValueError(
             f"the op takes bias as float32 [B, H, L, S] = {(B, H, L, S)}, got {bias.dtype} "
@@ -261,19 +276,12 @@ def fake_capture_self_normalising(q, k, token_idx, scale, out, bias=None) -> Non
         )
 
 
-def _token_idx_on(token_idx, S: int, device: torch.device) -> torch.Tensor:
-    idx = token_idx if isinstance(token_idx, torch.Tensor) else torch.as_tensor(token_idx)
-    idx = idx.reshape(-1)
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"token_idx must hold integer key positions, got {idx.dtype}")
-    if idx.numel() == 0:
-        raise ValueError("token_idx is empty: select at least one key column")
-    # The kernel reads key rows by these values, so they are checked here (a device sync when the indices live
+def _check_token_range(idx: torch.Tensor, S: int) -> None:
+    # idx: validated 1-D integer tensor. The kernel reads key rows by these values, so they are checked here (a device sync when the indices live
     # on the GPU; pass them as a CPU tensor or list to avoid it).
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= S:
         raise IndexError(f"token_idx must lie in [0, {S - 1}] (S = {S} keys), got values in [{lo}, {hi}]")
-    return idx.to(device=device, dtype=torch.int64).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,10 +345,11 @@ def capture_self_normalising(
         bias: optional additive bias broadcastable to ``[B, H, L, S]`` (attention mask).
         max_chunk_bytes: ignored (the only temporary is the ``[B, H, L]`` float32 lse).
     """
-    idx_meta = token_idx if isinstance(token_idx, torch.Tensor) else torch.as_tensor(token_idx)
-    B, H, L, _, S, _ = validate_capture_self_normalising(q, k, idx_meta.reshape(-1), out, bias)
+    idx = (token_idx if isinstance(token_idx, torch.Tensor) else torch.as_tensor(token_idx)).reshape(-1)
+    B, H, L, _, S, _ = validate_capture_self_normalising(q, k, idx, out, bias)
+    _check_token_range(idx, S)
     ops = _require_ops()
-    idx = _token_idx_on(idx_meta, S, q.device)
+    idx = idx.to(device=q.device, dtype=torch.int64).contiguous()
     if bias is not None:
         bias = bias.to(torch.float32).expand(B, H, L, S)
     ops.capture_self_normalising(q, k, idx, float(scale), out, bias)

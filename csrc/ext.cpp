@@ -24,15 +24,14 @@ void capture_self_normalising(const at::Tensor& q, const at::Tensor& k, const at
 
 }  // namespace
 
-extern "C" {
 // `import daam_fast._C` needs a module init function. The module itself is empty: importing it loads this
 // shared library, whose static initialisers (TORCH_LIBRARY below) register the ops with the dispatcher.
-PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC gives it C linkage and default visibility.
+PyMODINIT_FUNC PyInit__C(void) {
   // name, doc, size (-1: no per-module state), methods, slots, traverse, clear, free
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(daam_fast, m) {

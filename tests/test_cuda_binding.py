@@ -75,6 +75,14 @@ def test_unavailable_reason_says_how_to_build(fresh_loader):
 
 
 @needs_no_ext
+def test_lazy_ops_attribute_raises_with_build_hint(fresh_loader):
+    with pytest.raises(BackendUnavailable, match="daam_fast._C not built"):
+        cuda.ops  # noqa: B018 (the attribute access is the test)
+    with pytest.raises(AttributeError):
+        cuda.no_such_attribute  # noqa: B018
+
+
+@needs_no_ext
 def test_load_failure_is_cached(fresh_loader, monkeypatch):
     calls = []
     real = cuda.importlib.import_module

@@ -4,8 +4,9 @@ CUDA build of torch, with no warning in our code.
 
 The dev venv's torch is the CPU wheel (no CUDA headers), so the headers come from a separate venv holding a
 CUDA torch wheel that is never imported: `scripts/cuda_build_env.sh` (run by `make test`) creates it. Skipped,
-with the reason, where nvcc or that venv is absent. Compiles run in parallel; the whole module takes about two
-minutes on 2 shared cores (the torch headers dominate).
+with the reason, where nvcc or that venv is absent. Compiles run in parallel (both archs in one nvcc call, which
+parses the torch headers once for the host pass); the module costs about one CPU-minute (measured: ~45 s for
+capture.cu, ~10 s for ext.cpp, a few s for the link and the warning-filter check).
 """
 
 from __future__ import annotations

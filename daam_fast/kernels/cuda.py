@@ -154,6 +154,14 @@ def _require_ops():
     return torch.ops.daam_fast
 
 
+def __getattr__(name: str):
+    # PEP 562: `daam_fast.kernels.cuda.ops` is the loaded `torch.ops.daam_fast` namespace; touching it is what
+    # loads the extension (BackendUnavailable with the how-to-build message when it is not there).
+    if name == "ops":
+        return _require_ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Validation (metadata only, so it also runs on FakeTensors and in the fake kernels)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +171,17 @@ class GlobalHeatMap:
             "positions": json.dumps(self.positions),
             "meta": json.dumps(meta, ensure_ascii=False, default=str),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
+        tmp = (path.parent or Path(".")) / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        # safetensors (like mkstemp) writes 0600 files; the final file gets the mode open() would give it,
+        # 0o666 minus the umask, read off the file just created without touching the process-wide umask.
+        mode = tmp.stat().st_mode & 0o777
         try:
-            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, tmp, metadata=header)
+            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
+            os.chmod(tmp, mode)
+            # The data must be on disk before the rename, or a crash could leave an empty file under the final name.
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

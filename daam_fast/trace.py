@@ -3,7 +3,8 @@
 Memory does not grow with steps: each traced attention call adds into a small fp32 buffer per
 attention resolution (``[rows, tokens, h·w]``), or per layer (``per_layer=True``), or per layer and
 head (``daam_compat=True``). Each pipeline call inside one ``with trace(pipe)`` block is its own
-:class:`Record`; heat maps come from the last one unless another is asked for.
+:class:`Record`; heat maps come from the last one unless another is asked for. Failure modes and what
+is guaranteed after each are listed in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ import torch.nn.functional as F
 from .heatmap import GlobalHeatMap
 from .kernels import dispatch
 from .processors.unet import UNetCrossAttnCaptureProcessor
+from .snapshots import SNAPSHOT_MODES, SnapshotBudgetError, check_budget, snapshot_step, step_buffers
 from .tokens import tokenize_shared
 
-__all__ = ["DEFAULT_SKIPPED_FACTORS", "LayerInfo", "Record", "Trace", "UnsupportedPipelineError", "trace"]
+__all__ = [
+    "DEFAULT_SKIPPED_FACTORS",
+    "LayerInfo",
+    "Record",
+    "SnapshotBudgetError",
+    "Trace",
+    "UnsupportedPipelineError",
+    "trace",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +92,8 @@ class Record:
     interrupted: bool = False
     slots: dict = field(default_factory=dict, repr=False)
     grids: dict = field(default_factory=dict, repr=False)
+    #: ``snapshots="step"`` only: ``{step: {slot key: copy of the buffer after that step}}``.
+    snapshots: dict = field(default_factory=dict, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -132,6 +144,22 @@ class Trace:
         per_layer: keep one buffer per layer (needed for ``layer_idx`` selection).
         daam_compat: keep one buffer per (layer, head) and aggregate exactly as daam 0.2.0 does.
         backend: force a capture backend (``torch``, ``triton``, ``cuda``); default automatic.
+        keep_records: keep only the last ``keep_records`` :class:`Record` s (default ``None``: all). Each record
+            holds its heat buffers, so a long-lived tracer over many pipeline calls should bound this.
+        snapshots: ``"step"`` also keeps a copy of the buffers after every traced step, so
+            :meth:`compute_step_heat_maps` can give each step's own maps (memory grows with steps).
+        max_snapshot_bytes: refuse snapshots needing more bytes per pipeline call: checked at the call's first
+            UNet call, before anything is captured, by raising :class:`SnapshotBudgetError` (the ``with`` block
+            then restores the pipeline as after any exception).
+
+    Records: every pipeline call inside the block appends a new :class:`Record` to :attr:`records` (its own
+    buffers; nothing accumulates across calls); :meth:`compute_global_heat_map` reads the last one unless
+    ``record=`` says otherwise. A Trace object may be entered again after it exited: it patches the pipeline
+    anew and keeps appending to the same :attr:`records`. Entering it (or any Trace of the same pipeline) while
+    it is active raises ``RuntimeError``.
+
+    Bad ``tokens`` fail at construction when beyond the tokenizer's ``model_max_length``, else at the first
+    UNet call once the text length is known (before any capture).
     """
 
     def __init__(
@@ -147,6 +175,9 @@ class Trace:
         per_layer: bool = False,
         daam_compat: bool = False,
         backend: str | None = None,
+        keep_records: int | None = None,
+        snapshots: str | None = None,
+        max_snapshot_bytes: int | None = None,
     ):
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(unet, "up_blocks"):
@@ -171,6 +202,22 @@ class Trace:
         self.tokens = None if tokens is None else [int(t) for t in tokens]
         if self.tokens is not None and (not self.tokens or min(self.tokens) < 0):
             raise ValueError(f"tokens must be non-empty key positions >= 0, got {tokens!r}")
+        # transformers gives an unknown limit as a huge sentinel; only a real text window length counts here.
+        window = getattr(self.tokenizers[0], "model_max_length", None)
+        if self.tokens is not None and isinstance(window, int) and window < 1_000_000 and max(self.tokens) >= window:
+            raise ValueError(
+                f"tokens {[t for t in self.tokens if t >= window]} out of range: the tokenizer's text window has "
+                f"{window} positions (valid 0..{window - 1})"
+            )
+        if keep_records is not None and (isinstance(keep_records, bool) or int(keep_records) < 1):
+            raise ValueError(f"keep_records must be None (keep all) or >= 1, got {keep_records!r}")
+        self.keep_records = keep_records
+        if snapshots is not None and snapshots not in SNAPSHOT_MODES:
+            raise ValueError(f"unknown snapshots mode {snapshots!r}; valid: None or {sorted(SNAPSHOT_MODES)}")
+        if max_snapshot_bytes is not None and snapshots is None:
+            raise ValueError("max_snapshot_bytes limits snapshots: pass snapshots='step' too")
+        self.snapshots = snapshots
+        self.max_snapshot_bytes = max_snapshot_bytes
         self.negative = negative
         self.daam_compat = daam_compat
         self.per_layer = per_layer or daam_compat
@@ -273,7 +320,12 @@ class Trace:
             negatives = None if prompts is None else [negative_prompt or ""] * len(prompts)
         else:
             negatives = list(negative_prompt)
-        self.records.append(Record(prompts=prompts, negative_prompts=negatives))
+        self._append(Record(prompts=prompts, negative_prompts=negatives))
+
+    def _append(self, rec: Record) -> None:
+        self.records.append(rec)
+        if self.keep_records is not None and len(self.records) > self.keep_records:
+            del self.records[: len(self.records) - self.keep_records]
 
     def _on_unet_call(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -283,13 +335,29 @@ class Trace:
             last.batch_size is not None
             and (last.latent_hw, last.batch_size) != (tuple(sample.shape[-2:]), sample.shape[0])
         ):
-            self.records.append(Record())
+            self._append(Record())
         rec = self.records[-1]
         if rec.batch_size is None:
             self._start_geometry(rec, sample)
+            text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            self._check_first_call(rec, None if text is None else int(text.shape[1]))
+        elif self.snapshots and (self.steps is None or rec.steps_seen - 1 in self.steps):
+            snapshot_step(self, rec, rec.steps_seen - 1)  # the previous step is complete: its buffers are final
         rec.steps_seen += 1
         if self.steps is None or rec.steps_seen - 1 in self.steps:
             rec.steps_traced += 1
+
+    def _check_first_call(self, rec: Record, n_text: int | None) -> None:
+        # Raised from the UNet pre-hook, before any capture: the exception leaves the pipeline call and the
+        # `with` block, whose exit restores the pipeline.
+        if n_text is None:
+            return
+        if self.tokens is not None and max(self.tokens) >= n_text:
+            raise ValueError(
+                f"tokens {[t for t in self.tokens if t >= n_text]} out of range: the text has {n_text} positions "
+                f"(valid 0..{n_text - 1})"
+            )
+        check_budget(self, rec, n_text)
 
     def _start_geometry(self, rec: Record, sample: torch.Tensor) -> None:
         rec.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -375,6 +443,7 @@ class Trace:
         image_idx: int | None = None,
         negative: bool = False,
         record: int = -1,
+        step: int | None = None,
     ) -> GlobalHeatMap:
         """Aggregate the traced maps of one pipeline call into a :class:`GlobalHeatMap`.
 
@@ -392,12 +461,21 @@ class Trace:
             image_idx: which image of the call (default: the mean over all images, which must share a prompt).
             negative: the negative prompt's maps (needs ``trace(..., negative=True)`` and CFG).
             record: which pipeline call (default the last).
+            step: one traced step's own maps (needs ``trace(..., snapshots="step")``); default all steps.
 
         Returns:
-            :class:`GlobalHeatMap` whose ``heat_maps`` are fp32 ``[n_tokens, H_latent, W_latent]``.
+            :class:`GlobalHeatMap` whose ``heat_maps`` are fp32 ``[n_tokens, H_latent, W_latent]``. Its
+            ``meta["complete"]`` is False when the call was interrupted, and ``meta["nonfinite"]`` is True (with a
+            logged warning) when the maps hold NaN or inf, i.e. the model's attention inputs were non-finite.
         """
         rec = self._record(record)
-        maps = self._aggregate(rec, factors, head_idx, layer_idx)  # [R, T, H, W]
+        bufs = None
+        if step is not None:
+            traced = self._traced_steps(rec)
+            if step not in traced:
+                raise ValueError(f"step {step} has no maps of its own; steps with maps: {traced}")
+            bufs = step_buffers(rec, step, traced[-1])
+        maps = self._aggregate(rec, factors, head_idx, layer_idx, bufs)  # [R, T, H, W]
         n = rec.n_images
         if negative:
             if not rec.has_negative:
@@ -431,16 +509,43 @@ class Trace:
         if normalize:
             inner = [i for i, p in enumerate(positions) if 0 < p < tokens.n_tokens() - 1]
             maps = maps / (maps[inner].sum(0, keepdim=True) + 1e-6)
+        # NaN/inf in any attention input poison the running sums for good; one pass over the result finds it.
+        nonfinite = not bool(torch.isfinite(maps).all())
+        if nonfinite:
+            logger.warning(
+                "heat maps of %r hold NaN/inf: the model's attention inputs were not finite (meta['nonfinite'])", text
+            )
         meta = {
             "model": type(self.pipe).__name__,
             "model_name": str(getattr(self.unet.config, "_name_or_path", "")),
-            "steps": rec.steps_traced,
+            "steps": rec.steps_traced if step is None else 1,
             "latent_size": list(rec.latent_hw),
             "image_size": [s * int(getattr(self.pipe, "vae_scale_factor", 1)) for s in rec.latent_hw],
             "negative": negative,
             "complete": rec.complete,
+            "nonfinite": nonfinite,
         }
+        if step is not None:
+            meta["step"] = step
         return GlobalHeatMap(tokens, maps, positions=positions, meta=meta)
+
+    def compute_step_heat_maps(self, record: int = -1, **kwargs) -> dict[int, GlobalHeatMap]:
+        """Per-step maps of one pipeline call (needs ``trace(..., snapshots="step")``).
+
+        Returns ``{step index: GlobalHeatMap}`` for every traced step, each ``heat_maps`` fp32
+        ``[n_tokens, H_latent, W_latent]`` holding only what that step added; without
+        ``normalize`` their sum is the :meth:`compute_global_heat_map` map (to fp32 rounding), which sums over
+        steps. ``kwargs`` are those of :meth:`compute_global_heat_map`.
+        """
+        if self.snapshots != "step":
+            raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")
+        rec = self._record(record)
+        return {s: self.compute_global_heat_map(record=record, step=s, **kwargs) for s in self._traced_steps(rec)}
+
+    def _traced_steps(self, rec: Record) -> list[int]:
+        if self.snapshots != "step":
+            raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")
+        return [s for s in range(rec.steps_seen) if self.steps is None or s in self.steps]
 
     def _record(self, record: int) -> Record:
         if not self.records:
@@ -449,11 +554,12 @@ class Trace:
             rec = self.records[record]
         except IndexError:
             raise IndexError(f"record {record} out of range: {len(self.records)} pipeline call(s) traced") from None
-        if not rec.slots:
+        # A slot whose first capture raised holds no finished call (no heads counted): it does not count.
+        if not any(slot.layer_heads for slot in rec.slots.values()):
             raise RuntimeError("this pipeline call traced no attention step (no denoising step ran, or none selected)")
         return rec
 
-    def _aggregate(self, rec: Record, factors, head_idx, layer_idx) -> torch.Tensor:
+    def _aggregate(self, rec: Record, factors, head_idx, layer_idx, bufs: dict | None = None) -> torch.Tensor:
         if head_idx is not None and not self.daam_compat:
             raise ValueError("head_idx needs per-head buffers: trace with trace(pipe, daam_compat=True)")
         if layer_idx is not None and not self.per_layer:
@@ -466,10 +572,10 @@ class Trace:
         for key, slot in rec.slots.items():
             if wanted is not None and slot.factor not in wanted:
                 continue
-            if layer_idx is not None and key != layer_idx:
+            if (layer_idx is not None and key != layer_idx) or not slot.layer_heads:
                 continue
             h, w = slot.grid
-            buf = slot.buf
+            buf = slot.buf if bufs is None else bufs[key]
             if self.daam_compat:
                 heads = range(buf.shape[1]) if head_idx is None else [head_idx]
                 if head_idx is not None and not 0 <= head_idx < buf.shape[1]:

@@ -316,8 +316,8 @@ def test_200_generations_keep_memory_flat_and_leave_nothing_behind():
     gc.collect()
     growth = _rss_bytes() - rss0
     # 180 measured calls: keeping every record would add 180 x 98,560 B = 17.7 MB; the bound is 8 MB, under half
-    # of that (a simulated leak of every record measured 87 kB of RSS per call), while the growth measured
-    # without a leak measured -1 MB here (allocator noise).
+    # of that (a simulated leak of every record measured 87 kB of RSS per call); without a leak the growth
+    # measured -1 MB here (allocator noise).
     assert growth < 8 * 2**20, f"RSS grew {growth} bytes over 180 traced generations"
     assert torch.equal(last, first)  # the 200th map is the first: nothing accumulated anywhere
     _assert_unpatched(pipe, before)

@@ -341,21 +341,34 @@ def test_snapshots_over_the_limit_are_refused_before_any_capture(sd_pipe):
     assert tc.records[-1].steps_seen == 0 and not tc.records[-1].slots
 
 
-@pytest.mark.parametrize("mode", [{}, {"per_layer": True}, {"daam_compat": True}, {"factors": [1, 2, 4]}])
-def test_snapshot_estimate_is_exact(sd_pipe, mode):
+@pytest.mark.parametrize(
+    "fixture,mode,size",
+    [
+        ("sd_pipe", {}, 48),
+        ("sd_pipe", {"per_layer": True}, 48),
+        ("sd_pipe", {"daam_compat": True}, 48),
+        ("sd_pipe", {"mid_block": True, "per_layer": True, "negative": True}, 40),  # mid layer, CFG rows
+        ("sdxl_pipe", {}, 48),
+    ],
+)
+def test_snapshot_estimate_is_exact(request, fixture, mode, size):
     """The refusal's byte count is what the snapshots then really take: one byte less is refused, the exact
     amount is accepted."""
-    with trace(sd_pipe, **mode) as tc:
-        _run(sd_pipe, size=48)
-        actual = sum(s.buf.numel() * s.buf.element_size() for s in tc.records[-1].slots.values())
-        assert step_bytes(tc, (24, 24), 1, 77) == actual
+    pipe = request.getfixturevalue(fixture)
+    with trace(pipe, **mode) as tc:
+        _run(pipe, size=size)
+        rec = tc.records[-1]
+        actual = sum(s.buf.numel() * s.buf.element_size() for s in rec.slots.values())
+        assert step_bytes(tc, rec.latent_hw, rec.rows.stop - rec.rows.start, 77) == actual
+        if mode.get("mid_block"):
+            assert tc.layers[-1].block == "mid" and tc.layers[-1].idx in rec.slots
     with (
         pytest.raises(SnapshotBudgetError),
-        trace(sd_pipe, snapshots="step", max_snapshot_bytes=2 * actual - 1, **mode),
+        trace(pipe, snapshots="step", max_snapshot_bytes=2 * actual - 1, **mode),
     ):
-        _run(sd_pipe, size=48, steps=2)
-    with trace(sd_pipe, snapshots="step", max_snapshot_bytes=2 * actual, **mode) as tc:
-        _run(sd_pipe, size=48, steps=2)
+        _run(pipe, size=size, steps=2)
+    with trace(pipe, snapshots="step", max_snapshot_bytes=2 * actual, **mode) as tc:
+        _run(pipe, size=size, steps=2)
         assert snapshot_bytes(tc.records[-1]) == actual  # one copy, after step 0; step 1 is the live buffer
 
 
@@ -376,6 +389,12 @@ def test_step_snapshots_give_each_steps_own_maps(sd_pipe):
             _run(sd_pipe, steps=3)
             expected = only.compute_global_heat_map().heat_maps
         torch.testing.assert_close(per_step[s].heat_maps, expected, rtol=1e-5, atol=1e-6 * scale)
+    with trace(sd_pipe, snapshots="step", steps=[0, 2]) as some:  # an untraced step between two traced ones
+        _run(sd_pipe, steps=3)
+        selected = some.compute_step_heat_maps()
+    assert list(selected) == [0, 2]
+    for s in (0, 2):
+        torch.testing.assert_close(selected[s].heat_maps, per_step[s].heat_maps, rtol=1e-5, atol=1e-6 * scale)
 
 
 # --------------------------------------------------------------------------------------------------- saving

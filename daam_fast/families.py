@@ -120,6 +120,10 @@ class _Flux(Family):
     t5_prompt_arg = "prompt_2"
     t5_negative_arg = "negative_prompt_2"
 
+    def matches(self, pipe) -> bool:
+        # Kontext appends the context image's tokens to the sequence (img_ids of two grids): not supported.
+        return super().matches(pipe) and "Kontext" not in type(pipe).__name__
+
     def locate(self, model):
         double = [(f"transformer_blocks.{i}.attn", "double", b.attn) for i, b in enumerate(model.transformer_blocks)]
         single = [

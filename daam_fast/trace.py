@@ -114,12 +114,6 @@ def _grid(n_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
     return h, w, factor
 
 
-def _upsample(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic up-sampling of ``[R, T, h, w]`` to ``size``; a copy when the size already matches (the
-    transformers' single grid), which bicubic would also give, up to rounding."""
-    return m.clone() if tuple(m.shape[-2:]) == tuple(size) else F.interpolate(m, size=size, mode="bicubic")
-
-
 def _prompt_list(value, like) -> list[str | None] | None:
     """A pipeline's prompt argument as one entry per prompt of ``like`` (None: not given)."""
     if value is None or like is None:
@@ -516,11 +510,11 @@ class Trace(JointTraceMixin):
                     raise ValueError(f"head_idx {head_idx} out of range: layer {key} has {buf.shape[1]} heads")
                 for hd in heads:
                     m = buf[:, hd].reshape(buf.shape[0], buf.shape[2], h, w)
-                    m = _upsample(m, (H, W)).clamp_(min=0)
+                    m = F.interpolate(m, size=(H, W), mode="bicubic").clamp_(min=0)
                     total = m if total is None else total + m
                     count += 1
             else:
-                m = _upsample(buf.reshape(buf.shape[0], buf.shape[1], h, w), (H, W))
+                m = F.interpolate(buf.reshape(buf.shape[0], buf.shape[1], h, w), size=(H, W), mode="bicubic")
                 total = m if total is None else total + m
                 count += sum(slot.layer_heads.values())
         if total is None:

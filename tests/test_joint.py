@@ -277,3 +277,34 @@ def test_capture_memory_bounded_by_buffer_and_chunk(flux_pipe, monkeypatch):
     assert heat <= peak <= heat + chunk + 2 * k_sel + 2**16, (peak, heat, chunk)
     probs = (q[:, :, T:] @ k[:, :, :T].transpose(-1, -2) / 8 - lse[:, :, T:, None]).exp().sum(1).transpose(1, 2)
     torch.testing.assert_close(rec.slots["joint"].buf, probs, rtol=1e-5, atol=1e-7)
+
+
+def test_sd3_without_t5_and_flux_prompt_2(sd3_pipe, flux_pipe):
+    # SD3 without T5 fills the T5 part with zeros: only CLIP positions have words, and they are the default.
+    encoder = sd3_pipe.text_encoder_3
+    sd3_pipe.text_encoder_3 = None
+    try:
+        with trace(sd3_pipe) as tc:
+            _run(sd3_pipe, prompt=PROMPT, height=32, width=32, guidance_scale=1.0)
+            gm = tc.compute_global_heat_map()
+    finally:
+        sd3_pipe.text_encoder_3 = encoder
+    assert gm.default_source == "clip" and list(gm.sources) == ["clip"] and max(gm.positions) < 77
+    with pytest.raises(ValueError, match="no 't5' text"):
+        gm.compute_word_heat_map("circle", source="t5")
+    assert gm.compute_word_heat_map("circle").positions == gm.tokens.positions("circle")
+    # Flux's T5 reads prompt_2 when given: its words are looked up there.
+    with trace(flux_pipe) as tc:
+        _run(flux_pipe, prompt=PROMPT, prompt_2=NEGATIVE, height=32, width=32)
+        gm = tc.compute_global_heat_map()
+    assert gm.prompt == NEGATIVE and gm.compute_word_heat_map("hat").positions == gm.tokens.positions("hat")
+
+
+def test_unsupported_transformer_is_named():
+    from types import SimpleNamespace
+
+    from daam_fast import UnsupportedPipelineError
+
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(1, 1), tokenizer=object())
+    with pytest.raises(UnsupportedPipelineError, match="transformer is a Linear.*SD3Transformer2DModel"):
+        trace(pipe)

@@ -308,3 +308,30 @@ def test_unsupported_transformer_is_named():
     pipe = SimpleNamespace(transformer=torch.nn.Linear(1, 1), tokenizer=object())
     with pytest.raises(UnsupportedPipelineError, match="transformer is a Linear.*SD3Transformer2DModel"):
         trace(pipe)
+
+
+def test_bf16_images_identical_and_sd3_maps_close():
+    # bf16 on the CPU: SDPA's flash kernel gives the lse too, so images stay identical. SD3 has no RoPE, so the
+    # float64 naive sees the model's own bf16 q and k: the kernel tolerance for bf16 applies.
+    from daam_fast.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    for make in (tiny_sd3_pipeline, tiny_flux_pipeline):
+        pipe = make().to(dtype=torch.bfloat16)
+        kw = dict(prompt=PROMPT, height=32, width=48, guidance_scale=1.0)
+        tc, naive = _traced_and_naive(pipe, **kw)
+        if make is tiny_sd3_pipeline:
+            gm = tc.compute_global_heat_map()
+            expected = naive.aggregate(_grid(pipe, 32, 48))[0, gm.positions]
+            torch.testing.assert_close(gm.heat_maps.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_steps_selection_adds_up(sd3_pipe):
+    kw = dict(prompt=PROMPT, height=32, width=32, guidance_scale=5.0)
+    maps = []
+    for steps in (None, [0], [1]):
+        with trace(sd3_pipe, steps=steps) as tc:
+            _run(sd3_pipe, **kw)
+        maps.append(tc.compute_global_heat_map().heat_maps)
+        assert tc.records[-1].steps_traced == (2 if steps is None else 1)
+    torch.testing.assert_close(maps[1] + maps[2], maps[0], rtol=1e-6, atol=0)
+    assert not torch.equal(maps[1], maps[2])

@@ -147,8 +147,16 @@ def test_other_processors_keep_their_output_and_maps(request, family):
 
     pipe = request.getfixturevalue(f"{family}_pipe")
     # A user's subclass of the stock processor is not reproduced in place: the capture normalises on its own.
+    # Its own keyword argument (through joint_attention_kwargs) must still reach it.
     base = JointAttnProcessor2_0 if family == "sd3" else FluxAttnProcessor
-    custom = type("Custom", (base,), {})
+    seen = []
+
+    class Custom(base):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *a, tag=None, **kw):
+            seen.append(tag)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *a, **kw)
+
+    custom = Custom
     kw = dict(prompt=PROMPT, height=32, width=48, guidance_scale=1.0)
     with NaiveJointRecorder(pipe) as naive:
         plain = _run(pipe, **kw)
@@ -159,8 +167,9 @@ def test_other_processors_keep_their_output_and_maps(request, family):
         for n in names:
             mods[n].set_processor(custom())
         with trace(pipe) as tc:
-            traced = _run(pipe, **kw)
+            traced = _run(pipe, joint_attention_kwargs={"tag": "mine"}, **kw)
         assert all(type(mods[n].processor) is custom for n in names)
+        assert seen == ["mine"] * (2 * len(names))  # every block, both steps
     finally:
         for n in names:
             mods[n].set_processor(originals[n])

@@ -55,6 +55,25 @@ def _attention_call(query, key, value, attn_mask):
     return attention_with_lse(query, key, value, attn_mask=attn_mask)
 
 
+def _mirror_signature(processor, original) -> None:
+    """Give ``processor.__call__`` the signature of ``original.__call__``.
+
+    diffusers' attention modules drop every keyword argument (``joint_attention_kwargs``: IP-Adapter's
+    ``ip_hidden_states``, a custom processor's own options) that the installed processor's ``__call__`` does not
+    name, so the wrapper must name what the wrapped processor names. Calls still go to the class's ``__call__``.
+    """
+    call = type(processor).__call__.__get__(processor)
+
+    def __call__(*args, **kwargs):
+        return call(*args, **kwargs)
+
+    try:
+        __call__.__signature__ = inspect.signature(original.__call__)
+    except (TypeError, ValueError):  # no introspectable signature: keep the wrapper's own
+        return
+    processor.__call__ = __call__
+
+
 def _call_original(original, attn, *args, **kwargs):
     """Call the wrapped processor with only the keyword arguments its signature takes (as diffusers filters
     them for the installed processor)."""
@@ -78,10 +97,13 @@ class SD3JointCaptureProcessor:
         self.sink = sink
         self.layer_idx = layer_idx
         self.reproduces_original = type(original) is JointAttnProcessor2_0
+        _mirror_signature(self, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if not self.reproduces_original or encoder_hidden_states is None:
-            out = _call_original(self.original, attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            out = _call_original(
+                self.original, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
             if encoder_hidden_states is not None:
                 self._recompute_capture(attn, hidden_states, encoder_hidden_states)
             return out
@@ -192,6 +214,7 @@ class FluxCaptureProcessor:
         self.original = original
         self.sink = sink
         self.layer_idx = layer_idx
+        _mirror_signature(self, original)
 
     def __call__(
         self,

@@ -25,13 +25,15 @@ __all__ = ["FLUX", "SD3", "Family", "Geometry", "TextSource", "detect"]
 @dataclass(frozen=True)
 class Geometry:
     """One transformer call: image-token ``grid`` (rows, cols), ``batch`` rows, ``text_len`` text positions,
-    ``timestep`` (to tell a true-CFG second pass from the next step) and ``pixels`` per grid cell."""
+    ``timestep`` (to tell a true-CFG second pass from the next step), ``pixels`` per grid cell, and whether it is
+    an ``auxiliary`` guidance pass that is not traced (SD3.5's skip-layer guidance: cond rows, some blocks off)."""
 
     grid: tuple[int, int]
     batch: int
     text_len: int
     timestep: torch.Tensor | None
     pixels: int
+    auxiliary: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ class _SD3(Family):
         p = int(model.config.patch_size)
         grid = (int(x.shape[-2]) // p, int(x.shape[-1]) // p)
         pixels = p * int(getattr(pipe, "vae_scale_factor", 1))
-        return Geometry(grid, int(x.shape[0]), int(ctx.shape[1]), bound.get("timestep"), pixels)
+        aux = bound.get("skip_layers") is not None
+        return Geometry(grid, int(x.shape[0]), int(ctx.shape[1]), bound.get("timestep"), pixels, aux)
 
     def text_sources(self, pipe, prompt, t5_prompt, text_len):
         clip_len = int(getattr(pipe, "tokenizer_max_length", 77))

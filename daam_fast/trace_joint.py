@@ -9,7 +9,8 @@ is the mean over (block, head), summed over steps, with no resampling.
 Classifier-free guidance: SD3 batches ``[uncond, cond]`` as SD does. Flux.1-dev's distilled guidance makes one
 call per step. Flux's true CFG (``true_cfg_scale > 1`` with a negative prompt) makes a conditional call and then
 an unconditional one at the same timestep: a call repeating the previous call's timestep is that second pass,
-its maps go to the negative rows (kept with ``negative=True``), and it does not count as a step.
+its maps go to the negative rows (kept with ``negative=True``), and it does not count as a step. SD3.5's
+skip-layer guidance pass (``skip_layers``) is not traced.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class JointTraceMixin:
 
         geo = self.family.geometry(self.pipe, module, args, kwargs)
         last = self.records[-1] if self.records else None
+        if geo.auxiliary:  # skip-layer guidance: an extra pass of the current step, with other blocks
+            if last is not None:
+                last.call_src = None
+            return
         if last is None or (
             last.batch_size is not None
             and (last.latent_hw, last.batch_size, last.text_len) != (geo.grid, geo.batch, geo.text_len)

@@ -59,6 +59,9 @@ class NaiveJointRecorder:
 
     def _on_call(self, module, args, kwargs):
         t = kwargs["timestep"]
+        if kwargs.get("skip_layers") is not None:  # SD3.5 skip-layer guidance: not part of DAAM
+            self.pass_ = "skip"
+            return
         self.pass_ = "uncond" if self._last_t is not None and torch.equal(t, self._last_t) else "cond"
         self._last_t = t.clone()
         self.txt_len = kwargs["encoder_hidden_states"].shape[1]

@@ -344,3 +344,15 @@ def test_steps_selection_adds_up(sd3_pipe):
         assert tc.records[-1].steps_traced == (2 if steps is None else 1)
     torch.testing.assert_close(maps[1] + maps[2], maps[0], rtol=1e-6, atol=0)
     assert not torch.equal(maps[1], maps[2])
+
+
+def test_sd3_skip_layer_guidance_pass_is_not_traced(sd3_pipe):
+    # SD3.5's skip-layer guidance adds a third, cond-only transformer call in some steps (here steps 1..3).
+    kw = dict(prompt=PROMPT, height=32, width=32, guidance_scale=5.0, num_inference_steps=4)
+    kw.update(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    tc, naive = _traced_and_naive(sd3_pipe, **kw)
+    assert len(tc.records) == 1 and tc.records[0].steps_seen == 4 and tc.records[0].complete
+    assert ("transformer_blocks.0.attn", "skip") in naive.sums  # the extra pass ran
+    gm = tc.compute_global_heat_map()
+    expected = naive.aggregate(_grid(sd3_pipe, 32, 32), rows=slice(1, 2))[0, gm.positions]
+    torch.testing.assert_close(gm.heat_maps.double(), expected, **TOL)

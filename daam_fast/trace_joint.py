@@ -156,11 +156,13 @@ class JointTraceMixin:
             inner = [j for j, i in enumerate(keep) if kinds[i]]
             maps = maps / (maps[inner].sum(0, keepdim=True) + 1e-6)
         H, W = rec.latent_hw
+        vae = int(getattr(self.pipe, "vae_scale_factor", 1))
         meta = {
             "model": type(self.pipe).__name__,
             "model_name": str(getattr(self.model.config, "_name_or_path", "")),
             "steps": rec.steps_traced,
             "token_grid": [H, W],
+            "latent_size": [H * rec.pixels // vae, W * rec.pixels // vae],
             "image_size": [H * rec.pixels, W * rec.pixels],
             "negative": negative,
             "complete": rec.complete,

@@ -356,3 +356,18 @@ def test_sd3_skip_layer_guidance_pass_is_not_traced(sd3_pipe):
     gm = tc.compute_global_heat_map()
     expected = naive.aggregate(_grid(sd3_pipe, 32, 32), rows=slice(1, 2))[0, gm.positions]
     torch.testing.assert_close(gm.heat_maps.double(), expected, **TOL)
+
+
+def test_token_selection_keeps_those_rows(sd3_pipe):
+    # tokens= are text-sequence positions: here CLIP's "red" (2) and T5's first token (77).
+    kw = dict(prompt=PROMPT, height=32, width=32, guidance_scale=1.0)
+    with trace(sd3_pipe) as tc:
+        _run(sd3_pipe, **kw)
+    full = tc.compute_global_heat_map()
+    with trace(sd3_pipe, tokens=[2, 77]) as tc:
+        _run(sd3_pipe, **kw)
+    part = tc.compute_global_heat_map()
+    assert part.positions == [2, 77] and part.meta["latent_size"] == [16, 16]
+    rows = [full.positions.index(2), full.positions.index(77)]
+    torch.testing.assert_close(part.heat_maps, full.heat_maps[rows], rtol=1e-6, atol=0)
+    assert part.compute_word_heat_map("red", source="clip").positions == [2]

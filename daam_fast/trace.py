@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import families
 from .heatmap import GlobalHeatMap
 from .kernels import dispatch
 from .processors.unet import UNetCrossAttnCaptureProcessor
 from .snapshots import SNAPSHOT_MODES, SnapshotBudgetError, check_budget, snapshot_step, step_buffers
 from .tokens import tokenize_shared
+from .trace_joint import JointTraceMixin
 
 __all__ = [
     "DEFAULT_SKIPPED_FACTORS",
@@ -43,7 +45,8 @@ DEFAULT_SKIPPED_FACTORS = frozenset({8})
 SUPPORTED = (
     "UNet pipelines with a diffusers UNet2DConditionModel and a CLIP tokenizer: StableDiffusionPipeline "
     "(SD 1.x / 2.x, v-prediction included), StableDiffusionXLPipeline, and their img2img / inpaint / "
-    "ControlNet variants"
+    "ControlNet variants; joint-attention transformers: StableDiffusion3Pipeline (SD3 / SD3.5, "
+    "SD3Transformer2DModel) and FluxPipeline (FluxTransformer2DModel; distilled guidance and true CFG)"
 )
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
@@ -94,6 +97,16 @@ class Record:
     grids: dict = field(default_factory=dict, repr=False)
     #: ``snapshots="step"`` only: ``{step: {slot key: copy of the buffer after that step}}``.
     snapshots: dict = field(default_factory=dict, repr=False)
+    # Joint-attention transformers (see trace_joint): latent_hw is then the image-token grid.
+    text_len: int | None = None
+    pixels: int = 1
+    buf_rows: int = 0
+    true_cfg: bool = False
+    last_timestep: torch.Tensor | None = field(default=None, repr=False)
+    call_src: slice | None = None
+    call_dst: slice | None = None
+    t5_prompts: list[str | None] | None = None
+    t5_negative_prompts: list[str | None] | None = None
 
     @property
     def complete(self) -> bool:
@@ -113,6 +126,13 @@ def _grid(n_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
     return h, w, factor
 
 
+def _prompt_list(value, like) -> list[str | None] | None:
+    """A pipeline's prompt argument as one entry per prompt of ``like`` (None: not given)."""
+    if value is None or like is None:
+        return None
+    return [value] * len(like) if isinstance(value, str) else list(value)
+
+
 def _locate_unet_layers(unet, mid_block: bool) -> list[tuple[str, str, object]]:
     found = []
     blocks = [("up", i, b) for i, b in enumerate(unet.up_blocks)] + [
@@ -129,13 +149,17 @@ def _locate_unet_layers(unet, mid_block: bool) -> list[tuple[str, str, object]]:
     return found
 
 
-class Trace:
+class Trace(JointTraceMixin):
     """Context manager that traces a diffusers pipeline (use :func:`trace`).
+
+    Joint-attention transformers (SD3, Flux): the layers are the transformer blocks' joint attentions (Flux:
+    double-stream then single-stream blocks), all traced by default; maps are on the image-token grid (latent
+    size / patch size; Flux packs 2×2 latents per token); ``factors`` and ``mid_block`` do not apply.
 
     Args:
         pipe: a supported pipeline (see ``SUPPORTED``).
-        layers: ``None`` for daam's default (cross-attention of down and up blocks), or indices /
-            names of :attr:`layers` to trace.
+        layers: ``None`` for daam's default (cross-attention of down and up blocks; all blocks of a
+            transformer), or indices / names of :attr:`layers` to trace.
         mid_block: also trace the mid block's cross-attention.
         factors: grid down-sampling factors (relative to the latent) to trace; default all but 8.
         steps: denoising-step indices (0-based UNet calls of each pipeline call) to trace; default all.
@@ -179,19 +203,23 @@ class Trace:
         snapshots: str | None = None,
         max_snapshot_bytes: int | None = None,
     ):
+        self.family = families.detect(pipe)
         unet = getattr(pipe, "unet", None)
-        if unet is None or not hasattr(unet, "up_blocks"):
-            raise UnsupportedPipelineError(f"cannot trace {type(pipe).__name__}: supported are {SUPPORTED}")
+        if self.family is None and (unet is None or not hasattr(unet, "up_blocks")):
+            model = getattr(pipe, "transformer", None)
+            what = f" (its transformer is a {type(model).__name__})" if model is not None else ""
+            raise UnsupportedPipelineError(f"cannot trace {type(pipe).__name__}{what}: supported are {SUPPORTED}")
         self.pipe = pipe
-        self.unet = unet
+        self.unet = None if self.family is not None else unet
+        self.model = pipe.transformer if self.family is not None else unet
         # SDXL's two CLIP tokenizers share positions; tokenize_shared checks that they agree.
         self.tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
         if not self.tokenizers:
             raise UnsupportedPipelineError(f"{type(pipe).__name__} has no tokenizer; supported are {SUPPORTED}")
-        located = _locate_unet_layers(unet, mid_block)
+        located = self.family.locate(self.model) if self.family else _locate_unet_layers(unet, mid_block)
         if not located:
             raise UnsupportedPipelineError(
-                f"{type(pipe).__name__}'s {type(unet).__name__} has no cross-attention modules; "
+                f"{type(pipe).__name__}'s {type(self.model).__name__} has no cross-attention modules; "
                 f"supported are {SUPPORTED}"
             )
         self.layers = [LayerInfo(i, name, kind, mod.heads) for i, (name, kind, mod) in enumerate(located)]
@@ -253,17 +281,22 @@ class Trace:
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         with _ACTIVE_LOCK:
-            if self.unet in _ACTIVE:
+            if self.model in _ACTIVE:
                 raise RuntimeError(
                     f"{type(self.pipe).__name__} is already being traced; nest no traces on one pipeline"
                 )
-            _ACTIVE.add(self.unet)
+            _ACTIVE.add(self.model)
         try:
             for idx, mod in enumerate(self._modules):
                 self._originals.append(mod.processor)
                 if idx in self._enabled:
-                    mod.set_processor(UNetCrossAttnCaptureProcessor(mod.processor, self, idx))
-            self._hooks.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+                    mod.set_processor(
+                        self.family.processor(mod.processor, self, idx)
+                        if self.family
+                        else UNetCrossAttnCaptureProcessor(mod.processor, self, idx)
+                    )
+            on_call = self._on_transformer_call if self.family else self._on_unet_call
+            self._hooks.append(self.model.register_forward_pre_hook(on_call, with_kwargs=True))
             self._wrap_check_inputs()
             self._active = True
         except BaseException:
@@ -291,7 +324,7 @@ class Trace:
                 self.pipe.__dict__.pop("check_inputs", None)
             self._saved_check_inputs = None
         with _ACTIVE_LOCK:
-            _ACTIVE.discard(self.unet)
+            _ACTIVE.discard(self.model)
         self._active = False
 
     def _wrap_check_inputs(self) -> None:
@@ -309,6 +342,10 @@ class Trace:
             except TypeError:
                 bound = {}
             self._begin_record(bound.get("prompt"), bound.get("negative_prompt"))
+            if self.family is not None:  # SD3's prompt_3 / Flux's prompt_2 feed T5
+                rec = self.records[-1]
+                rec.t5_prompts = _prompt_list(bound.get(self.family.t5_prompt_arg), rec.prompts)
+                rec.t5_negative_prompts = _prompt_list(bound.get(self.family.t5_negative_arg), rec.prompts)
             return original(*args, **kwargs)
 
         self.pipe.__dict__["check_inputs"] = check_inputs
@@ -467,6 +504,10 @@ class Trace:
             :class:`GlobalHeatMap` whose ``heat_maps`` are fp32 ``[n_tokens, H_latent, W_latent]``. Its
             ``meta["complete"]`` is False when the call was interrupted, and ``meta["nonfinite"]`` is True (with a
             logged warning) when the maps hold NaN or inf, i.e. the model's attention inputs were non-finite.
+            For SD3 and Flux a :class:`~daam_fast.heatmap.JointGlobalHeatMap`:
+            ``[n_text_positions, grid_h, grid_w]`` on the image-token grid, rows indexed by text-sequence
+            position (SD3: CLIP 0..76, then T5), words looked up through CLIP, T5 or both
+            (``compute_word_heat_map(word, source=...)``).
         """
         rec = self._record(record)
         bufs = None
@@ -480,11 +521,12 @@ class Trace:
         if negative:
             if not rec.has_negative:
                 raise ValueError(
-                    "no negative-prompt maps: trace with trace(pipe, negative=True) and guidance_scale > 1"
+                    "no negative-prompt maps: trace with trace(pipe, negative=True) and guidance_scale > 1 "
+                    "(Flux: true_cfg_scale > 1 and a negative_prompt)"
                 )
-            maps, texts = maps[:n], rec.negative_prompts
+            maps, texts, t5_texts = maps[:n], rec.negative_prompts, rec.t5_negative_prompts
         else:
-            maps, texts = maps[maps.shape[0] - n :], rec.prompts
+            maps, texts, t5_texts = maps[maps.shape[0] - n :], rec.prompts, rec.t5_prompts
         per_prompt = max(1, n // len(texts)) if texts else n  # num_images_per_prompt
         if image_idx is not None:
             if not -n <= image_idx < n:
@@ -492,15 +534,22 @@ class Trace:
             image_idx %= n
             maps = maps[image_idx]
             text = texts[image_idx // per_prompt] if texts else None
+            t5_text = t5_texts[image_idx // per_prompt] if t5_texts else None
         else:
-            distinct = set(texts) if texts else {None}
+            distinct = set(zip(texts, t5_texts or [None] * len(texts), strict=True)) if texts else {(None, None)}
             if len(distinct) > 1:
                 raise ValueError(f"the {n} images have different prompts {texts}: pass image_idx in 0..{n - 1}")
             maps = maps.mean(0)
-            text = next(iter(distinct))
-        text = prompt if prompt is not None else text
+            text, t5_text = next(iter(distinct))
+        text, t5_text = (prompt, None) if prompt is not None else (text, t5_text)
         if text is None:
             raise ValueError("the traced call's prompt is unknown (prompt_embeds?): pass prompt=... to name its words")
+        if self.family is not None:
+            hm = self._joint_heat_map(rec, maps, text, t5_text, normalize, negative)
+            hm.meta["nonfinite"] = self._flag_nonfinite(hm.heat_maps, text)
+            if step is not None:
+                hm.meta.update(steps=1, step=step)
+            return hm
         tokens = tokenize_shared(self.tokenizers, text)
         positions = list(range(maps.shape[0])) if self.tokens is None else list(self.tokens)
         keep = [i for i, p in enumerate(positions) if p < tokens.n_tokens()]
@@ -509,15 +558,10 @@ class Trace:
         if normalize:
             inner = [i for i, p in enumerate(positions) if 0 < p < tokens.n_tokens() - 1]
             maps = maps / (maps[inner].sum(0, keepdim=True) + 1e-6)
-        # NaN/inf in any attention input poison the running sums for good; one pass over the result finds it.
-        nonfinite = not bool(torch.isfinite(maps).all())
-        if nonfinite:
-            logger.warning(
-                "heat maps of %r hold NaN/inf: the model's attention inputs were not finite (meta['nonfinite'])", text
-            )
+        nonfinite = self._flag_nonfinite(maps, text)
         meta = {
             "model": type(self.pipe).__name__,
-            "model_name": str(getattr(self.unet.config, "_name_or_path", "")),
+            "model_name": str(getattr(self.model.config, "_name_or_path", "")),
             "steps": rec.steps_traced if step is None else 1,
             "latent_size": list(rec.latent_hw),
             "image_size": [s * int(getattr(self.pipe, "vae_scale_factor", 1)) for s in rec.latent_hw],
@@ -546,6 +590,16 @@ class Trace:
         if self.snapshots != "step":
             raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")
         return [s for s in range(rec.steps_seen) if self.steps is None or s in self.steps]
+
+    @staticmethod
+    def _flag_nonfinite(maps: torch.Tensor, text: str) -> bool:
+        # NaN/inf in any attention input poison the running sums for good; one pass over the result finds it.
+        nonfinite = not bool(torch.isfinite(maps).all())
+        if nonfinite:
+            logger.warning(
+                "heat maps of %r hold NaN/inf: the model's attention inputs were not finite (meta['nonfinite'])", text
+            )
+        return nonfinite
 
     def _record(self, record: int) -> Record:
         if not self.records:

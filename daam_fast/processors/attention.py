@@ -33,6 +33,9 @@ def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
 
 
 def _cpu_flash(q, k, v, mask, scale):
+    # The op takes only float masks of q's dtype; SDPA converts boolean ones to 0 / -inf the same way.
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask_to_bias(mask, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=mask, scale=scale
     )

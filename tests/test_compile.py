@@ -3,6 +3,8 @@ eager; the capture ops pass torch.library.opcheck."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -111,10 +113,45 @@ def test_compiled_unet_traces_without_graph_breaks_aot_eager():
     torch.testing.assert_close(maps, eager, rtol=0, atol=0)  # aot_eager runs the same kernels
 
 
+def test_compiled_attention_inductor_no_graph_breaks_same_maps():
+    """Inductor (C++ on the CPU) on the traced cross-attention modules: the capture processor, the
+    SDPA op with lse and the sink op compile into one graph per module, for all steps. (The whole
+    UNet under inductor is the opt-in test below: ~14 min of C++ compilation on 2 shared cores.)"""
+    from torch._dynamo.utils import counters
+
+    from daam_fast.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    with trace(pipe) as tc:
+        eager_img = _run(pipe)
+        eager = tc.compute_global_heat_map().heat_maps
+        modules = list(tc._modules)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for m in modules:
+            m.compile()  # backend="inductor"
+        with trace(pipe) as tc:
+            img = _run(pipe)
+            maps = tc.compute_global_heat_map().heat_maps
+        stats, breaks = dict(counters["stats"]), dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert breaks == {}
+    assert stats.get("unique_graphs") == len(modules)  # one graph per module, none recompiled per step
+    torch.testing.assert_close(torch.from_numpy(img), torch.from_numpy(eager_img), rtol=0, atol=1e-5)
+    torch.testing.assert_close(maps, eager, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("DAAM_FAST_INDUCTOR_UNET") != "1",
+    reason="whole-UNet inductor compile takes ~14 min on 2 shared cores; set DAAM_FAST_INDUCTOR_UNET=1",
+)
 def test_compiled_unet_traces_without_graph_breaks_inductor():
     eager_img, eager, img, maps, steps, stats, breaks = _compiled_vs_eager("inductor")
     assert breaks == {} and stats.get("unique_graphs") == 1 and steps == 3
-    # Inductor fuses and reorders the UNet's float32 arithmetic: images and maps agree to rounding.
+    # Inductor fuses and reorders the UNet's float32 arithmetic: images and maps agree to rounding
+    # (measured: 2.4e-6 and 2e-8).
     torch.testing.assert_close(torch.from_numpy(img), torch.from_numpy(eager_img), rtol=0, atol=1e-4)
     torch.testing.assert_close(maps, eager, rtol=1e-4, atol=1e-6)

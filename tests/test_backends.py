@@ -244,3 +244,22 @@ def test_xformers_processor_keeps_xformers_under_tracing(monkeypatch, sd_pipe):
     assert calls["forward_requires_grad"] == 2 * n_cross  # every traced call took xformers' lse
     # The xformers stand-in computes in float64, SDPA in float32: the latents differ by rounding only.
     torch.testing.assert_close(maps, sdpa_maps, rtol=2e-4, atol=1e-6)
+
+
+def test_fused_qkv_processor_keeps_sdpa_with_lse():
+    from daam_fast.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    with trace(pipe) as tc:
+        _run(pipe)
+        sdpa_maps = tc.compute_global_heat_map().heat_maps
+    pipe.fuse_qkv_projections()
+    plain = _run(pipe)
+    with trace(pipe) as tc:
+        kinds = {m.processor.kind for m in tc._modules}
+        traced = _run(pipe)
+        maps = tc.compute_global_heat_map().heat_maps
+    assert kinds == {"sdpa_fused"}  # reproduced with lse, not wrapped and recomputed
+    assert torch.equal(torch.from_numpy(traced), torch.from_numpy(plain))
+    # Fused linears round differently from separate ones: the latents differ by rounding only.
+    torch.testing.assert_close(maps, sdpa_maps, rtol=2e-4, atol=1e-6)

@@ -1,7 +1,8 @@
 """Capture processor for UNet cross-attention (``attn2``): SD 1.x/2.x, SDXL and pipelines built on them.
 
 The processor that was installed decides the attention kernel. For diffusers' ``AttnProcessor2_0``
-the capture processor computes exactly what it computes, through the SDPA kernel that SDPA itself
+(and ``FusedAttnProcessor2_0``, installed by ``pipe.fuse_qkv_projections()``) the capture processor
+computes exactly what it computes, through the SDPA kernel that SDPA itself
 would pick (so the output is bit-identical); for ``XFormersAttnProcessor`` (what
 ``pipe.enable_xformers_memory_efficient_attention()`` installs) it makes the same xformers call, in
 the lse-returning form. Either way it keeps that kernel's log-sum-exp and hands ``q``, ``k`` and
@@ -18,7 +19,12 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0, XFormersAttnProcessor
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    XFormersAttnProcessor,
+)
 
 from ..kernels.ops import emit_attention, register_sink
 from .attention import attention_with_lse, mask_to_bias
@@ -65,7 +71,11 @@ class UNetCrossAttnCaptureProcessor:
         self.layer_idx = layer_idx
         # Only these stock processors are reproduced in place (exact class: subclasses may change the
         # computation); anything else keeps computing the output itself.
-        self.kind = {AttnProcessor2_0: "sdpa", XFormersAttnProcessor: "xformers"}.get(type(original))
+        self.kind = {
+            AttnProcessor2_0: "sdpa",
+            FusedAttnProcessor2_0: "sdpa_fused",
+            XFormersAttnProcessor: "xformers",
+        }.get(type(original))
         self.reproduces_original = self.kind is not None
         # For the compiled path: the sink as an int, and a call counter the op mutates (keeps it alive).
         self._sink_id = register_sink(sink)
@@ -104,13 +114,16 @@ class UNetCrossAttnCaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if self.kind == "sdpa_fused":  # FusedAttnProcessor2_0 (pipe.fuse_qkv_projections()): fused linears
+            query, key, value = self._fused_projections(attn, hidden_states, encoder_hidden_states)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -134,6 +147,19 @@ class UNetCrossAttnCaptureProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    @staticmethod
+    def _fused_projections(attn, hidden_states, encoder_hidden_states):
+        # As FusedAttnProcessor2_0.__call__ computes them (same linears, same split).
+        if encoder_hidden_states is None:
+            qkv = attn.to_qkv(hidden_states)
+            return torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        kv = attn.to_kv(encoder_hidden_states)
+        key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        return query, key, value
 
     def _wrapped_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -155,3 +155,28 @@ def test_compiled_unet_traces_without_graph_breaks_inductor():
     # (measured: 2.4e-6 and 2e-8).
     torch.testing.assert_close(torch.from_numpy(img), torch.from_numpy(eager_img), rtol=0, atol=1e-4)
     torch.testing.assert_close(maps, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["native", "flex", "_native_math"])
+def test_diffusers_attention_with_lse_compiles_without_breaks(backend):
+    """Joint-attention processors call this inside compiled models: no graph break, same output."""
+    import warnings
+
+    from daam_fast.processors.lse_sources import diffusers_attention_with_lse
+
+    q, k = torch.randn(2, 50, 3, 40), torch.randn(2, 77, 3, 40)
+
+    def f(q, k):
+        out, lse = diffusers_attention_with_lse(q, k, k, backend=backend)
+        return out, lse
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = torch._dynamo.explain(f)(q, k)
+        eager = f(q, k)
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
+    torch._dynamo.reset()
+    assert ex.graph_break_count == 0 and ex.graph_count == 1
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    assert (compiled[1] is None) == (eager[1] is None) == (backend == "_native_math")

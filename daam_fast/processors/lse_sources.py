@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,17 +53,29 @@ _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _log_once(key: str, msg: str) -> None:
-    if key not in _logged:
+    # Logging inside a compiled region is a graph break, so while torch.compile traces the message is
+    # skipped (eager calls give it; docs/BACKENDS.md lists which backends fall back).
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.warning(msg)
 
 
+_IMPORT_FAILURES: dict[str, str] = {}
+
+
 def _module_missing(name: str) -> Callable[[], str | None]:
     def check() -> str | None:
+        # sys.modules first: importlib cannot be traced by torch.compile, a dict lookup can. diffusers
+        # imports the kernels it can use when it is imported, so they are usually there already.
+        if sys.modules.get(name) is not None:
+            return None
+        if name in _IMPORT_FAILURES:
+            return _IMPORT_FAILURES[name]
         try:
             importlib.import_module(name)
         except ImportError as exc:  # ModuleNotFoundError, or a broken build (ABI mismatch)
-            return f"{name} is not importable ({exc})"
+            _IMPORT_FAILURES[name] = f"{name} is not importable ({exc})"
+            return _IMPORT_FAILURES[name]
         return None
 
     return check

@@ -263,3 +263,18 @@ def test_fused_qkv_processor_keeps_sdpa_with_lse():
     assert torch.equal(torch.from_numpy(traced), torch.from_numpy(plain))
     # Fused linears round differently from separate ones: the latents differ by rounding only.
     torch.testing.assert_close(maps, sdpa_maps, rtol=2e-4, atol=1e-6)
+
+
+def test_sdpa_source_follows_sdpa_kernel_selection():
+    """With SDPA restricted to math (sdpa_kernel), tracing must not run the flash kernel instead."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from daam_fast.processors.attention import attention_with_lse
+
+    q, k, v = _qkv(layout="BHLD")
+    out, lse = attention_with_lse(q, k, v)
+    assert lse is not None and torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        out, lse = attention_with_lse(q, k, v)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert lse is None and torch.equal(out, expected)

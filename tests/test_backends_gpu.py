@@ -168,3 +168,23 @@ def test_traced_sd_on_cuda_image_unchanged_and_compiles_without_breaks():
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(maps, eager, rtol=2e-2, atol=1e-3)  # fp16 UNet, fused differently by inductor
+
+
+@pytest.mark.parametrize("first", ["CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "FLASH_ATTENTION"])
+def test_sdpa_auto_pick_follows_priority_order(first):
+    """sdpa_kernel(..., set_priority=True) reorders SDPA's choice; tracing must run the same kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from daam_fast.processors.attention import attention_with_lse
+
+    q, k, v = _qkv(torch.float16, 64)
+    order = [getattr(SDPBackend, first)] + [
+        b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+        if b != getattr(SDPBackend, first)
+    ]  # fmt: skip
+    with sdpa_kernel(order, set_priority=True):
+        out, lse = attention_with_lse(q, k, v)
+        expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out, expected)
+    assert lse is not None
+    _check_lse_and_maps(q, k, lse, 64**-0.5, "BHLD")

@@ -74,9 +74,10 @@ def test_sink_op_reaches_the_sink_and_counts():
     calls.zero_()
     torch.ops.daam_fast.sink_attention(q, k, q[..., 0], None, 0.5, sid, 3, calls)
     assert sink.seen == [(3, q.shape, k.shape, q.shape[:3], True, 0.5)] and int(calls) == 1
-    del sink  # a sink that is gone is skipped, the counter still counts
+    assert ops.register_sink(sink) == sid  # one id per sink, however many processors it serves
+    del sink  # a sink that is gone is skipped (and unregistered), the counter still counts
     torch.ops.daam_fast.sink_attention(q, k, None, None, 0.5, sid, 3, calls)
-    assert int(calls) == 2
+    assert int(calls) == 2 and sid not in ops._SINKS
 
 
 # -- compiled UNet -----------------------------------------------------------------------------------
@@ -180,3 +181,20 @@ def test_diffusers_attention_with_lse_compiles_without_breaks(backend):
     assert ex.graph_break_count == 0 and ex.graph_count == 1
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
     assert (compiled[1] is None) == (eager[1] is None) == (backend == "_native_math")
+
+
+def test_sdpa_kernel_choice_traces_fullgraph():
+    """The SDPA-kernel choice (SDPAParams, enabled flags, priority order) cannot be traced by dynamo;
+    it is taken as a constant at compile time instead of breaking the graph."""
+    from daam_fast.processors.attention import _cuda_choice, attention_with_lse
+
+    q, k = torch.randn(2, 3, 50, 40), torch.randn(2, 3, 77, 40)
+
+    def f(q, k):
+        out, lse = attention_with_lse(q, k, k)
+        return out, lse, _cuda_choice(q, k, k, None) == "flash"
+
+    eager = f(q, k)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k)
+    torch._dynamo.reset()
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1]) and compiled[2] == eager[2]

@@ -77,16 +77,20 @@ def _(q, k, token_idx, scale, out, bias=None, backend=None) -> None:
 # -- capture sinks ----------------------------------------------------------------------------------
 
 _SINKS: dict[int, weakref.ref] = {}
-_SINK_IDS = itertools.count(1)
+_SINK_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEXT_ID = itertools.count(1)
 _SINK_LOCK = threading.Lock()
 
 
 def register_sink(sink) -> int:
-    """An int naming ``sink`` (held weakly) for :func:`sink_attention`; called eagerly, e.g. when a
-    capture processor is built, never inside a compiled region."""
+    """An int naming ``sink`` (held weakly; the same int for the same sink) for :func:`sink_attention`.
+    Called eagerly, e.g. when a capture processor is built, never inside a compiled region."""
     with _SINK_LOCK:
-        sink_id = next(_SINK_IDS)
-        _SINKS[sink_id] = weakref.ref(sink)
+        sink_id = _SINK_IDS.get(sink)
+        if sink_id is None:
+            sink_id = next(_NEXT_ID)
+            _SINK_IDS[sink] = sink_id
+            _SINKS[sink_id] = weakref.ref(sink, lambda _, i=sink_id: _SINKS.pop(i, None))
     return sink_id
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import attention_with_lse
+from .attention import _cuda_cudnn, attention_with_lse
 
 __all__ = [
     "DIFFUSERS_BACKENDS",
@@ -143,8 +143,8 @@ def sdpa_cudnn_with_lse(q, k, v, attn_mask=None, scale=None):
     ``q`` ``[B, H, L, D]`` -> ``(out [B, H, L, D], lse [B, H, L] fp32)``; the op returns lse ``[B, H, L]``
     (``[B, H, L, 1]`` on torch >= 2.9), natural log.
     """
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, attn_mask, True, 0.0, False, False, scale=scale)
-    return res[0], _lse_bhl(res[1], q.shape[0], q.shape[1], q.shape[2])
+    out, lse = _cuda_cudnn(q, k, v, attn_mask, scale)
+    return out, _lse_bhl(lse, q.shape[0], q.shape[1], q.shape[2])
 
 
 def _sdpa_forced(which: str):

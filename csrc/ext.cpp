@@ -14,12 +14,12 @@ namespace {
 // to the launchers in the .cu files.
 void capture_from_lse(const at::Tensor& q, const at::Tensor& k_sel, const at::Tensor& lse, double scale,
                       at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  daam_fast::capture_from_lse_cuda(q, k_sel, lse, scale, out, bias.has_value() ? &*bias : nullptr);
+  daam_fast::cuda_capture_from_lse_cuda(q, k_sel, lse, scale, out, bias.has_value() ? &*bias : nullptr);
 }
 
 void capture_self_normalising(const at::Tensor& q, const at::Tensor& k, const at::Tensor& token_idx, double scale,
                               at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  daam_fast::capture_self_normalising_cuda(q, k, token_idx, scale, out, bias.has_value() ? &*bias : nullptr);
+  daam_fast::cuda_capture_self_normalising_cuda(q, k, token_idx, scale, out, bias.has_value() ? &*bias : nullptr);
 }
 
 }  // namespace
@@ -36,14 +36,14 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(daam_fast, m) {
   m.def(
-      "capture_from_lse(Tensor q, Tensor k_sel, Tensor lse, float scale, Tensor(a!) out, Tensor? bias=None) "
+      "cuda_capture_from_lse(Tensor q, Tensor k_sel, Tensor lse, float scale, Tensor(a!) out, Tensor? bias=None) "
       "-> ()");
   m.def(
-      "capture_self_normalising(Tensor q, Tensor k, Tensor token_idx, float scale, Tensor(a!) out, "
+      "cuda_capture_self_normalising(Tensor q, Tensor k, Tensor token_idx, float scale, Tensor(a!) out, "
       "Tensor? bias=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(daam_fast, CUDA, m) {
-  m.impl("capture_from_lse", &capture_from_lse);
-  m.impl("capture_self_normalising", &capture_self_normalising);
+  m.impl("cuda_capture_from_lse", &capture_from_lse);
+  m.impl("cuda_capture_self_normalising", &capture_self_normalising);
 }

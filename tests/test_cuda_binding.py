@@ -242,10 +242,10 @@ def scratch_ops():
     def self_norm_cpu(q, k, token_idx, scale, out, bias=None):
         reference.capture_self_normalising(q, k, token_idx, scale, out, bias=bias)
 
-    lib.impl("capture_from_lse", from_lse_cpu, "CPU")
-    lib.impl("capture_self_normalising", self_norm_cpu, "CPU")
-    torch.library.register_fake(f"{NS}::capture_from_lse", cuda.fake_capture_from_lse, lib=lib)
-    torch.library.register_fake(f"{NS}::capture_self_normalising", cuda.fake_capture_self_normalising, lib=lib)
+    lib.impl("cuda_capture_from_lse", from_lse_cpu, "CPU")
+    lib.impl("cuda_capture_self_normalising", self_norm_cpu, "CPU")
+    torch.library.register_fake(f"{NS}::cuda_capture_from_lse", cuda.fake_capture_from_lse, lib=lib)
+    torch.library.register_fake(f"{NS}::cuda_capture_self_normalising", cuda.fake_capture_self_normalising, lib=lib)
     yield getattr(torch.ops, NS)
     lib._destroy()
 
@@ -260,22 +260,28 @@ def test_opcheck_schemas_and_fakes(scratch_ops):
     lse = reference.row_logsumexp(q, k, 0.25)
     k_sel = k[:, :, :T].contiguous()
     bias = torch.zeros(B, H, L, T)
-    torch.library.opcheck(scratch_ops.capture_from_lse.default, (q, k_sel, lse, 0.25, torch.zeros(B, T, L), bias))
-    torch.library.opcheck(scratch_ops.capture_from_lse.default, (q, k_sel, lse, 0.25, torch.zeros(B, H, T, L), None))
+    torch.library.opcheck(scratch_ops.cuda_capture_from_lse.default, (q, k_sel, lse, 0.25, torch.zeros(B, T, L), bias))
+    torch.library.opcheck(
+        scratch_ops.cuda_capture_from_lse.default, (q, k_sel, lse, 0.25, torch.zeros(B, H, T, L), None)
+    )
     idx = torch.tensor([0, 4, 10])
-    torch.library.opcheck(scratch_ops.capture_self_normalising.default, (q, k, idx, 0.25, torch.zeros(B, T, L), None))
+    torch.library.opcheck(
+        scratch_ops.cuda_capture_self_normalising.default, (q, k, idx, 0.25, torch.zeros(B, T, L), None)
+    )
 
 
 def test_fake_kernels_check_shapes(scratch_ops, fake):
     q, k_sel, lse, out = _from_lse_args()
-    scratch_ops.capture_from_lse(q, k_sel, lse, 0.1, out, None)  # well-formed: no error, returns nothing
+    scratch_ops.cuda_capture_from_lse(q, k_sel, lse, 0.1, out, None)  # well-formed: no error, returns nothing
     with pytest.raises(ValueError, match=r"out must be \[B, T, L\]"):
-        scratch_ops.capture_from_lse(q, k_sel, lse, 0.1, out.narrow(2, 0, 76), None)
+        scratch_ops.cuda_capture_from_lse(q, k_sel, lse, 0.1, out.narrow(2, 0, 76), None)
     with pytest.raises(ValueError, match="expand it first"):  # the op itself takes bias fully expanded
-        scratch_ops.capture_from_lse(q, k_sel, lse, 0.1, out, torch.zeros(1, 1, 77, 7, device="cuda"))
+        scratch_ops.cuda_capture_from_lse(q, k_sel, lse, 0.1, out, torch.zeros(1, 1, 77, 7, device="cuda"))
     k = torch.empty(2, 3, 50, 40, dtype=torch.float16, device="cuda")
     with pytest.raises(ValueError, match="contiguous int64"):
-        scratch_ops.capture_self_normalising(q, k, torch.zeros(7, dtype=torch.int32, device="cuda"), 0.1, out, None)
+        scratch_ops.cuda_capture_self_normalising(
+            q, k, torch.zeros(7, dtype=torch.int32, device="cuda"), 0.1, out, None
+        )
 
 
 def test_register_fakes_is_guarded(monkeypatch):

@@ -206,11 +206,13 @@ def test_cpp_checks_reject_bad_arguments():
     lse = torch.zeros(1, 2, 64, device=DEV)
     out = torch.zeros(1, 10, 64, device=DEV)
     with pytest.raises(RuntimeError, match="lse must have dtype"):
-        torch.ops.daam_fast.capture_from_lse(q, k, lse.half(), 0.1, out, None)
+        torch.ops.daam_fast.cuda_capture_from_lse(q, k, lse.half(), 0.1, out, None)
     with pytest.raises(RuntimeError, match="out must have shape"):
-        torch.ops.daam_fast.capture_from_lse(q, k, lse, 0.1, out[:, :5], None)
+        torch.ops.daam_fast.cuda_capture_from_lse(q, k, lse, 0.1, out[:, :5], None)
     with pytest.raises(RuntimeError, match="overlapping"):
-        torch.ops.daam_fast.capture_from_lse(q, k, lse, 0.1, torch.zeros(1, 1, 64, device=DEV).expand(1, 10, 64), None)
+        torch.ops.daam_fast.cuda_capture_from_lse(
+            q, k, lse, 0.1, torch.zeros(1, 1, 64, device=DEV).expand(1, 10, 64), None
+        )
 
 
 def test_opcheck():
@@ -220,8 +222,8 @@ def test_opcheck():
     k_sel = k[:, :, :7].contiguous()
     bias = torch.zeros(B, H, L, 7, device=DEV)
     torch.library.opcheck(
-        torch.ops.daam_fast.capture_from_lse.default, (q, k_sel, lse, 0.15, torch.zeros(B, 7, L, device=DEV), bias)
+        torch.ops.daam_fast.cuda_capture_from_lse.default, (q, k_sel, lse, 0.15, torch.zeros(B, 7, L, device=DEV), bias)
     )
     idx = torch.tensor([0, 7, 76], device=DEV)
     args = (q, k, idx, 0.15, torch.zeros(B, H, 3, L, device=DEV), None)
-    torch.library.opcheck(torch.ops.daam_fast.capture_self_normalising.default, args)
+    torch.library.opcheck(torch.ops.daam_fast.cuda_capture_self_normalising.default, args)

@@ -61,8 +61,8 @@ def _register_fakes() -> None:
     global _fakes_registered
     if _fakes_registered or not _ops_registered():
         return
-    torch.library.register_fake("daam_fast::capture_from_lse", fake_capture_from_lse)
-    torch.library.register_fake("daam_fast::capture_self_normalising", fake_capture_self_normalising)
+    torch.library.register_fake("daam_fast::cuda_capture_from_lse", fake_capture_from_lse)
+    torch.library.register_fake("daam_fast::cuda_capture_self_normalising", fake_capture_self_normalising)
     _fakes_registered = True
 
 
@@ -260,7 +260,7 @@ def validate_capture_self_normalising(
 
 
 def fake_capture_from_lse(q, k_sel, lse, scale, out, bias=None) -> None:
-    """Fake kernel of ``daam_fast::capture_from_lse``: checks metadata as the CUDA op does; mutates ``out``
+    """Fake kernel of ``daam_fast::cuda_capture_from_lse``: checks metadata as the CUDA op does; mutates ``out``
     only, returns nothing."""
     B, H, L, _, T = validate_capture_from_lse(q, k_sel, lse, out, bias, require_cuda=False)
     if bias is not None and (tuple(bias.shape) != (B, H, L, T) or bias.dtype != torch.float32):
@@ -271,7 +271,7 @@ def fake_capture_from_lse(q, k_sel, lse, scale, out, bias=None) -> None:
 
 
 def fake_capture_self_normalising(q, k, token_idx, scale, out, bias=None) -> None:
-    """Fake kernel of ``daam_fast::capture_self_normalising`` (see :func:`fake_capture_from_lse`)."""
+    """Fake kernel of ``daam_fast::cuda_capture_self_normalising`` (see :func:`fake_capture_from_lse`)."""
     B, H, L, _, S, _ = validate_capture_self_normalising(q, k, token_idx, out, bias, require_cuda=False)
     if token_idx.dtype != torch.int64 or token_idx.device != q.device or not token_idx.is_contiguous():
         raise ValueError(
@@ -326,7 +326,7 @@ def capture_from_lse(
     ops = _require_ops()
     if bias is not None:
         bias = bias.to(torch.float32).expand(B, H, L, T)
-    ops.capture_from_lse(q, k_sel, lse, float(scale), out, bias)
+    ops.cuda_capture_from_lse(q, k_sel, lse, float(scale), out, bias)
     return out
 
 
@@ -360,7 +360,7 @@ def capture_self_normalising(
     idx = idx.to(device=q.device, dtype=torch.int64).contiguous()
     if bias is not None:
         bias = bias.to(torch.float32).expand(B, H, L, S)
-    ops.capture_self_normalising(q, k, idx, float(scale), out, bias)
+    ops.cuda_capture_self_normalising(q, k, idx, float(scale), out, bias)
     return out
 
 

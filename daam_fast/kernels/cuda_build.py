@@ -42,11 +42,12 @@ NVCC_FLAGS = ("-O3", "-lineinfo")
 
 #: The op schemas, exactly as ``csrc/ext.cpp`` defines them (tests/test_cuda_binding.py checks they agree).
 SCHEMAS = {
-    "capture_from_lse": (
-        "capture_from_lse(Tensor q, Tensor k_sel, Tensor lse, float scale, Tensor(a!) out, Tensor? bias=None) -> ()"
+    "cuda_capture_from_lse": (
+        "cuda_capture_from_lse(Tensor q, Tensor k_sel, Tensor lse, float scale, Tensor(a!) out, "
+        "Tensor? bias=None) -> ()"
     ),
-    "capture_self_normalising": (
-        "capture_self_normalising(Tensor q, Tensor k, Tensor token_idx, float scale, Tensor(a!) out, "
+    "cuda_capture_self_normalising": (
+        "cuda_capture_self_normalising(Tensor q, Tensor k, Tensor token_idx, float scale, Tensor(a!) out, "
         "Tensor? bias=None) -> ()"
     ),
 }

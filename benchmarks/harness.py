@@ -97,7 +97,9 @@ def build_sd15_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu",
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    ).to(dtype=dtype)
+    )
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -179,6 +181,20 @@ def _status_kib(field_name: str) -> int:
     raise KeyError(field_name)
 
 
+def fix_malloc_thresholds(threshold: int = 128 * 1024) -> bool:
+    """Make glibc hand every allocation of ``threshold`` bytes or more to ``mmap`` and give it back on
+    free (``mallopt(M_MMAP_THRESHOLD)``, which also turns off glibc's *dynamic* threshold, and
+    ``M_TRIM_THRESHOLD``). With glibc's defaults, freed tensors up to 32 MB stay in the heap and the
+    RSS peak of two identical calls can differ by tens of MB depending on what ran before; with fixed
+    thresholds RSS follows the live tensors, so per-call peaks compare variants rather than heap
+    history. Returns False where this is not glibc. Call before the large allocations."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-1, threshold))  # M_MMAP_ / M_TRIM_
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_rss_supported() -> str | None:
     """``None`` when per-call peak RSS can be measured here, else the reason."""
     try:
@@ -226,10 +242,12 @@ def sync(device: str) -> None:
 
 @dataclass
 class Sample:
-    """One timed call: wall seconds and memory above the call's start (bytes; RSS on CPU, allocator on CUDA)."""
+    """One timed call: wall seconds, this process's CPU seconds, and memory above the call's start
+    (bytes; RSS on CPU, allocator on CUDA)."""
 
     seconds: float
     mem_bytes: int | None
+    cpu_seconds: float | None = None
 
 
 def timed_call(fn: Callable[[], object], device: str = "cpu", memory: bool = True) -> Sample:
@@ -244,15 +262,17 @@ def timed_call(fn: Callable[[], object], device: str = "cpu", memory: bool = Tru
         sync(device)
         seconds = time.perf_counter() - t0
         return Sample(seconds, torch.cuda.max_memory_allocated() - base)
+    # On a shared CPU the process's CPU time is far steadier than wall time (it does not count the
+    # time other jobs hold the cores); both are reported.
     if not memory:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        return Sample(time.perf_counter() - t0, None)
+        return Sample(time.perf_counter() - t0, None, time.process_time() - c0)
     with PeakRSS() as m:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        seconds = time.perf_counter() - t0
-    return Sample(seconds, m.delta)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return Sample(seconds, m.delta, cpu)
 
 
 def interleaved(
@@ -269,7 +289,8 @@ def interleaved(
 
     Returns, per variant: ``seconds`` (list), ``mem`` (list of bytes or None), ``median_s``,
     ``ratio`` (median over rounds of this variant's time / the baseline's time in the same round),
-    ``ratio_min``/``ratio_max``, ``mem_median`` and ``mem_vs_baseline`` (median difference in bytes).
+    ``ratio_min``/``ratio_max``, ``cpu_seconds`` / ``cpu_ratio`` (the same with process CPU time; CPU
+    only, else None), ``mem_median`` and ``mem_vs_baseline`` (median difference in bytes).
     Warm-up calls (``warmup`` or one call of each variant) are not counted.
     """
     if baseline not in variants:
@@ -279,24 +300,34 @@ def interleaved(
         sync(device)
     names = list(variants)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
+    progress = os.environ.get("DAAM_FAST_BENCH_PROGRESS")  # optional JSON-lines log of every sample
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             samples[name].append(timed_call(variants[name], device, memory))
+            if progress:
+                with open(progress, "a") as f:
+                    f.write(json.dumps({"round": r, "variant": name, **vars(samples[name][-1])}) + "\n")
     out = {}
     for name in names:
         secs = [s.seconds for s in samples[name]]
         ratios = [a.seconds / b.seconds for a, b in zip(samples[name], samples[baseline], strict=True)]
         mems = [s.mem_bytes for s in samples[name]]
+        cpu = [s.cpu_seconds for s in samples[name]]
         row = {
             "seconds": secs,
             "median_s": statistics.median(secs),
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
+            "cpu_seconds": cpu,
+            "cpu_ratio": None,
             "mem": mems,
             "mem_median": None,
             "mem_vs_baseline": None,
         }
+        if all(c is not None for c in cpu):
+            base_cpu = [s.cpu_seconds for s in samples[baseline]]
+            row["cpu_ratio"] = statistics.median([a / b for a, b in zip(cpu, base_cpu, strict=True)])
         if all(m is not None for m in mems):
             base_mems = [s.mem_bytes for s in samples[baseline]]
             row["mem_median"] = statistics.median(mems)
@@ -315,14 +346,15 @@ def comparison_table(title: str, results: dict[str, dict], mem_label: str = "pea
     lines = [
         f"**{title}**",
         "",
-        f"| variant | median time (s) | time / vanilla (median of rounds) [min, max] | {mem_label} (MB) "
-        "| memory − vanilla (MB, median) |",
-        "|---|---|---|---|---|",
+        f"| variant | median wall time (s) | wall time / vanilla (median of rounds) [min, max] "
+        f"| CPU time / vanilla (median) | {mem_label} (MB) | memory − vanilla (MB, median) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        cpu = "n/a" if r.get("cpu_ratio") is None else f"{r['cpu_ratio']:.3f}"
         lines.append(
             f"| {name} | {r['median_s']:.3f} | {r['ratio']:.3f} [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] "
-            f"| {_mb(r['mem_median'])} | {_mb(r['mem_vs_baseline'])} |"
+            f"| {cpu} | {_mb(r['mem_median'])} | {_mb(r['mem_vs_baseline'])} |"
         )
     return "\n".join(lines)
 

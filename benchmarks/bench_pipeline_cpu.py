@@ -56,14 +56,21 @@ def test_sd15_512_one_step(benchmark, sd15_pipe, bench_info):
         rounds=ROUNDS,
         traced_over_vanilla=res["traced"]["ratio"],
         daam_style_over_vanilla=res["daam_style"]["ratio"],
+        traced_over_vanilla_cpu_time=res["traced"]["cpu_ratio"],
+        daam_style_over_vanilla_cpu_time=res["daam_style"]["cpu_ratio"],
         traced_rss_minus_vanilla_mb=None
         if res["traced"]["mem_vs_baseline"] is None
         else res["traced"]["mem_vs_baseline"] / 1e6,
         heat_buffer_bytes_per_image=buf,
     )
-    t, m = res["traced"]["ratio"], res["traced"]["mem_vs_baseline"]
+    m = res["traced"]["mem_vs_baseline"]
+    # On a shared machine wall time mostly measures the other jobs; the process's CPU time measures the
+    # work of the call, so the time target is judged on it when it is available.
+    t = res["traced"]["cpu_ratio"] if res["traced"]["cpu_ratio"] is not None else res["traced"]["ratio"]
+    basis = "CPU time" if res["traced"]["cpu_ratio"] is not None else "wall time"
     notes = [
-        f"traced / vanilla time {t:.3f} (target ≤ {TIME_TARGET}: {'met' if t <= TIME_TARGET else 'NOT met'})",
+        f"traced / vanilla {basis} {t:.3f} (target ≤ {TIME_TARGET}: {'met' if t <= TIME_TARGET else 'NOT met'}); "
+        f"wall time {res['traced']['ratio']:.3f}",
         "traced − vanilla peak RSS "
         + (
             "n/a"

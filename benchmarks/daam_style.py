@@ -13,6 +13,9 @@ attention and daam_fast in the same run:
 - aggregation (``compute_global_heat_map``) up-samples **every** (layer, head) map bicubically to the
   latent size, clamps it at 0, stacks them all and averages, then keeps the prompt's tokens.
 
+One deliberate difference: maps are up-sampled to the real latent size, where daam 0.2.0 assumes a
+64×64 latent (the same for SD 1.x at 512²; for SDXL at 1024² this aggregation works on 128² maps, 4× daam's).
+
 Written from daam 0.2.0's ``trace.py`` / ``heatmap.py`` (``UNetCrossAttentionHooker``,
 ``RawHeatMapCollection``, ``compute_global_heat_map``) as this project reads them.
 """

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean cuda-headers
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m daam_fast.cli demo --out daam-out
 
-test: $(STAMP)
+# Headers of a CUDA build of torch (a venv under .cache/, never imported) for tests/test_cuda_build.py, which
+# compiles csrc/ with nvcc. Does nothing without nvcc; the test then skips.
+cuda-headers:
+	@if command -v nvcc >/dev/null 2>&1; then ./scripts/cuda_build_env.sh >/dev/null; \
+	else echo "cuda-headers: nvcc not found, skipping (the CUDA compile test will skip)"; fi
+
+test: $(STAMP) cuda-headers
 	$(PY) -m pytest -q
 
 # CPU benchmarks (minutes to an hour on 2 shared cores); prints the comparison tables, also written to bench-out/.

@@ -53,13 +53,17 @@ def _flux_pipeline(device: str, dtype: torch.dtype, tiny: bool):
             vae = AutoencoderKL.from_config(vcfg).eval()
     finally:
         torch.set_default_dtype(previous)
+    from daam_fast.testing import clip_tokenizer, t5_tokenizer
+
+    # Tokenizers only name the prompt's words for the tracer (the real CLIP BPE; a tiny offline T5
+    # sentencepiece model stands in for T5's): the text encoders are replaced by random embeddings below.
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(harness.load_config("flux", "scheduler")),
         vae=vae,
         text_encoder=None,
-        tokenizer=None,
+        tokenizer=clip_tokenizer(),
         text_encoder_2=None,
-        tokenizer_2=None,
+        tokenizer_2=t5_tokenizer(),
         transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -30,11 +30,12 @@ cuda-headers:
 test: $(STAMP) cuda-headers
 	$(PY) -m pytest -q
 
+# CPU benchmarks (minutes to an hour on 2 shared cores); prints the comparison tables, also written to bench-out/.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	DAAM_FAST_BENCH_OUT=bench-out $(PY) -m pytest benchmarks -q --benchmark-only
 
 lint: $(STAMP)
 	$(PY) -m ruff check daam_fast tests benchmarks
 
 clean:
-	rm -rf $(VENV) daam-out build *.egg-info
+	rm -rf $(VENV) daam-out bench-out gpu-check-out build *.egg-info

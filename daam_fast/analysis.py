@@ -240,6 +240,12 @@ def _negative_wanted(pipe_kwargs: dict) -> bool:
     return bool(pipe_kwargs.get("negative_prompt")) and pipe_kwargs.get("guidance_scale", 7.5) > 1
 
 
+def _generator(pipe, seed: int) -> torch.Generator:
+    # A generator on the pipeline's device, so a seed gives the same image as diffusers' own examples.
+    device = str(getattr(pipe, "device", "cpu"))
+    return torch.Generator(device="cpu" if device == "mps" else device).manual_seed(int(seed))
+
+
 def trace_generation(pipe, prompt: str, seed: int = 0, *, trace_kwargs: dict | None = None, **pipe_kwargs):
     """Run ``pipe(prompt, generator=torch.Generator().manual_seed(seed), **pipe_kwargs)`` under
     :func:`daam_fast.trace` and return a :class:`Generation`. Negative-prompt maps are traced when
@@ -247,8 +253,7 @@ def trace_generation(pipe, prompt: str, seed: int = 0, *, trace_kwargs: dict | N
     from .trace import trace
 
     negative = _negative_wanted(pipe_kwargs)
-    device = getattr(pipe, "device", "cpu")
-    generator = torch.Generator(device="cpu" if str(device) == "mps" else device).manual_seed(int(seed))
+    generator = _generator(pipe, seed)
     with trace(pipe, negative=negative, **(trace_kwargs or {})) as tc:
         image = pipe(prompt, generator=generator, **pipe_kwargs).images[0]
         gm = tc.compute_global_heat_map()
@@ -384,15 +389,17 @@ def trace_time_profile(
     and memory of ``n_steps x n_tokens x H x W`` fp32 (50 steps of SD 1.5 at 512²: about 60 MB).
 
     Returns:
-        ``(generation, profile)``: the :class:`Generation` (whole-run maps) and its :class:`TimeProfile`.
+        ``(generation, profile)``: the :class:`Generation` (whole-run maps; negative-prompt maps as in
+        :func:`trace_generation`) and the prompt's :class:`TimeProfile`.
     """
     from .trace import trace
 
     if trace_kwargs and "steps" in trace_kwargs:
         raise ValueError("trace_time_profile traces every step; do not pass steps in trace_kwargs")
     cumulative: list[GlobalHeatMap] = []
-    generator = torch.Generator(device=getattr(pipe, "device", "cpu")).manual_seed(int(seed))
-    with trace(pipe, **(trace_kwargs or {})) as tc:
+    negative = _negative_wanted(pipe_kwargs)
+    generator = _generator(pipe, seed)
+    with trace(pipe, negative=negative, **(trace_kwargs or {})) as tc:
 
         def after_step(module, args, output):
             if tc.records and tc.records[-1].slots:
@@ -404,9 +411,12 @@ def trace_time_profile(
         finally:
             handle.remove()
         gm = tc.compute_global_heat_map()
-    gm.meta["seed"] = int(seed)
+        neg = tc.compute_global_heat_map(negative=True) if negative else None
+    for g in (gm, neg):
+        if g is not None:
+            g.meta["seed"] = int(seed)
     steps = []
     for i, g in enumerate(cumulative):
         prev = cumulative[i - 1].heat_maps if i else torch.zeros_like(g.heat_maps)
         steps.append(GlobalHeatMap(g.tokens, g.heat_maps - prev, g.positions, {**g.meta, "step": i}))
-    return Generation(int(seed), image, gm), time_profile(steps, words, phases)
+    return Generation(int(seed), image, gm, neg), time_profile(steps, words, phases)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean browser ui figures
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Headless Chromium + chromedriver for tests/test_ui.py's browser test (Debian packages, needs root).
+browser:
+	scripts/install_browser.sh
+
+ui: $(STAMP)
+	$(PY) -m daam_fast.cli ui
+
+figures: $(STAMP)
+	$(PY) scripts/make_readme_figures.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only

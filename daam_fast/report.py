@@ -108,8 +108,10 @@ def write_run(
 
     base = out / prefix if prefix else out
     base.mkdir(parents=True, exist_ok=True)
+
     def rel(name):
         return f"{prefix}/{name}" if prefix else name
+
     entry: dict = {"seed": seed, "image": None, "maps": None, "negative_maps": None, "overlays": {}}
     if image is not None:
         image.save(base / "image.png")

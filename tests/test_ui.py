@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -125,3 +126,17 @@ def test_browser_generate_click_word_shows_overlay(server, tmp_path):
             shutil.copy(shot, os.environ["DAAM_FAST_UI_SCREENSHOT"])
     finally:
         browser.quit()
+
+
+def test_ui_command_bad_arguments_exit_2(capsys):
+    from daam_fast.cli import main
+
+    assert main(["ui", "--size", "huge"]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["ui", "--port", str(busy.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err
+    assert main(["ui", "--help"]) == 0 and "127.0.0.1" in capsys.readouterr().out

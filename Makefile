@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean browser ui figures
+.PHONY: venv demo test bench lint clean cuda-headers browser ui figures
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m daam_fast.cli demo --out daam-out
 
-test: $(STAMP)
+# Headers of a CUDA build of torch (a venv under .cache/, never imported) for tests/test_cuda_build.py, which
+# compiles csrc/ with nvcc. Does nothing without nvcc; the test then skips.
+cuda-headers:
+	@if command -v nvcc >/dev/null 2>&1; then ./scripts/cuda_build_env.sh >/dev/null; \
+	else echo "cuda-headers: nvcc not found, skipping (the CUDA compile test will skip)"; fi
+
+test: $(STAMP) cuda-headers
 	$(PY) -m pytest -q
 
 # Headless Chromium + chromedriver for tests/test_ui.py's browser test (Debian packages, needs root).

@@ -181,6 +181,7 @@ class Trace:
         self._originals: list = []
         self._hooks: list = []
         self._saved_check_inputs = None
+        self._index_cache: dict = {}
         self._active = False
 
     # -- selection -------------------------------------------------------------------------------
@@ -321,16 +322,25 @@ class Trace:
         if lse is not None:
             k_sel, b_sel = kr, br
             if self.tokens is not None:
-                idx = torch.tensor(self.tokens, device=k.device)
+                idx = self._token_index(k.shape[2], k.device)
                 k_sel = kr.index_select(2, idx)
                 if br is not None and br.shape[-1] != 1:
                     b_sel = br.index_select(-1, idx)
             dispatch.capture_from_lse(qr, k_sel, lse[rows], scale, out, bias=b_sel, backend=self.backend)
         else:
-            idx = torch.tensor(self.tokens if self.tokens is not None else range(k.shape[2]), device=k.device)
+            idx = self._token_index(k.shape[2], k.device)
             dispatch.capture_self_normalising(qr, kr, idx, scale, out, bias=br, backend=self.backend)
         if layer_idx not in slot.layer_heads:
             slot.layer_heads[layer_idx] = q.shape[1]
+
+    def _token_index(self, n_keys: int, device: torch.device) -> torch.Tensor:
+        """The captured key positions as an int64 tensor on ``device`` (cached: this runs every call)."""
+        key = (n_keys, device)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            positions = self.tokens if self.tokens is not None else range(n_keys)
+            idx = self._index_cache[key] = torch.tensor(list(positions), dtype=torch.long, device=device)
+        return idx
 
     def _slot(self, rec: Record, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> _Slot | None:
         B, H, L, _ = q.shape

@@ -63,10 +63,12 @@ def _words(gm: GlobalHeatMap, words: Sequence[str] | None) -> list[str]:
 
 
 def word_maps(gm: GlobalHeatMap, words: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
-    """Word heat maps stacked: ``(words, maps)`` with maps fp32 ``[n_words, H, W]`` (each the mean of the word's
-    token maps, as :meth:`GlobalHeatMap.compute_word_heat_map`). ``words=None``: all :func:`prompt_words`."""
+    """Word heat maps stacked: ``(words, maps)`` with maps fp32 ``[n_words, H, W]`` on the CPU (each the mean of
+    the word's token maps, as :meth:`GlobalHeatMap.compute_word_heat_map`). ``words=None``: all
+    :func:`prompt_words`."""
     chosen = _words(gm, words)
-    return chosen, torch.stack([gm.compute_word_heat_map(w).heatmap.float() for w in chosen])
+    # On the CPU whatever device traced them: the results feed numpy, matplotlib and JSON.
+    return chosen, torch.stack([gm.compute_word_heat_map(w).heatmap.float().cpu() for w in chosen])
 
 
 # ------------------------------------------------------------------------------------------- influence
@@ -153,7 +155,7 @@ class Overlap:
 def _stack(source, words) -> tuple[list[str], torch.Tensor]:
     if isinstance(source, GlobalHeatMap):
         return word_maps(source, words)
-    maps = torch.as_tensor(source).float()
+    maps = torch.as_tensor(source).float().cpu()
     if maps.dim() != 3:
         raise ValueError(f"expected word maps [n_words, H, W], got shape {tuple(maps.shape)}")
     names = [str(i) for i in range(maps.shape[0])] if words is None else list(words)
@@ -305,7 +307,7 @@ def seed_sweep(maps: Sequence[GlobalHeatMap], words: Sequence[str] | None = None
     chosen = _words(maps[0], words)
     per_seed, mean, std, stability = {}, {}, {}, {}
     for w in chosen:
-        stack = torch.stack([m.compute_word_heat_map(w).heatmap.float() for m in maps])
+        stack = torch.stack([m.compute_word_heat_map(w).heatmap.float().cpu() for m in maps])
         per_seed[w] = stack
         mean[w] = stack.mean(0)
         std[w] = stack.std(0, correction=0)

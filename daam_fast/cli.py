@@ -112,7 +112,10 @@ def _parse_size(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
         raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
-    return int(m.group(1)), int(m.group(2))
+    width, height = int(m.group(1)), int(m.group(2))
+    if width % 8 or height % 8:  # diffusers' SD / SDXL pipelines refuse other sizes
+        raise UsageError(f"--size {text!r}: width and height must be multiples of 8")
+    return width, height
 
 
 def _looks_local(model: str) -> bool:

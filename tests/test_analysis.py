@@ -178,3 +178,19 @@ def test_time_profile_equals_step_restricted_traces(sd_pipe):
         mid = A.word_maps(tc.compute_global_heat_map(), ["red", "square"])[1]
     torch.testing.assert_close(tp.phase_maps["middle"], mid, rtol=1e-5, atol=1e-6)
     assert (tp.mass > 0).all() and ((tp.share > 0) & (tp.share < 1)).all()
+
+
+def test_time_profile_run_also_gives_negative_maps(sd_pipe):
+    kw = dict(KW, negative_prompt="ugly blurry")
+    gen, tp = A.trace_time_profile(sd_pipe, PROMPT, seed=3, words=["red"], **kw)
+    plain = A.trace_generation(sd_pipe, PROMPT, seed=3, **kw)
+    assert gen.negative_maps.prompt == "ugly blurry" and gen.negative_maps.meta["seed"] == 3
+    torch.testing.assert_close(gen.negative_maps.heat_maps, plain.negative_maps.heat_maps)
+    torch.testing.assert_close(gen.maps.heat_maps, plain.maps.heat_maps)  # the hook changes nothing
+
+
+def test_sdxl_pipeline(sdxl_pipe):
+    gen = A.trace_generation(sdxl_pipe, PROMPT, seed=0, **KW)
+    assert sum(r.share for r in A.word_influence(gen.maps)) == pytest.approx(1.0)
+    d = A.dominance_map(gen.maps, ["circle", "square"])
+    assert d.index.shape == gen.maps.heat_maps.shape[1:] and sum(d.area().values()) == pytest.approx(1.0)

@@ -115,6 +115,7 @@ def test_analyze_reruns_on_saved_maps(generated, tmp_path):
         (["generate", "--model", "M", "--prompt", "p", "--seeds", "x"], "--seeds"),
         (["generate", "--model", "M", "--prompt", "p", "--seeds", "5-2"], "empty"),
         (["generate", "--model", "M", "--prompt", "p", "--size", "big"], "WIDTHxHEIGHT"),
+        (["generate", "--model", "M", "--prompt", "p", "--size", "500x512"], "multiples of 8"),
         (["generate", "--model", "M", "--prompt", "p", "--steps", "0"], "at least 1"),
         (["generate", "--model", "./no/such/folder", "--prompt", "p"], "no such folder"),
         (["generate", "--prompt", "p"], "--model"),

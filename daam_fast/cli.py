@@ -380,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--words", nargs="+", default=None, help="words to analyse (default: every prompt word)")
     g.add_argument("--seeds", default="0", help="seeds: 3, 0-7 or 1,4,9 (default 0)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    g.add_argument("--size", default="512x512", help="image WIDTHxHEIGHT (default 512x512)")
+    g.add_argument("--size", default="512x512", help="image WIDTHxHEIGHT, multiples of 8 (default 512x512)")
     g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     g.add_argument("--out", default="daam-out", help="output folder (default daam-out)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

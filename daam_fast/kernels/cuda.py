@@ -285,8 +285,8 @@ def fake_capture_self_normalising(q, k, token_idx, scale, out, bias=None) -> Non
 
 
 def _check_token_range(idx: torch.Tensor, S: int) -> None:
-    # idx: validated 1-D integer tensor. The kernel reads key rows by these values, so they are checked here (a device sync when the indices live
-    # on the GPU; pass them as a CPU tensor or list to avoid it).
+    # idx: validated 1-D integer tensor. The kernel reads key rows by these values, so they are checked here
+    # (a device sync when the indices live on the GPU; pass them as a CPU tensor or list to avoid it).
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= S:
         raise IndexError(f"token_idx must lie in [0, {S - 1}] (S = {S} keys), got values in [{lo}, {hi}]")

@@ -384,11 +384,11 @@ def trace_time_profile(
 ) -> tuple[Generation, TimeProfile]:
     """One traced generation with per-step maps, in a single pipeline run.
 
-    How: a forward hook on the UNet (after the capture processors ran) computes the cumulative global map after
-    each step; the difference to the previous step is that step's map. The maps are linear in the heat buffers,
-    so these differences are exactly what ``trace(pipe, steps=[i])`` runs would give, without running the
-    pipeline once per step (the tests check this). Cost: one aggregation per step (cheap next to a UNet call)
-    and memory of ``n_steps x n_tokens x H x W`` fp32 (50 steps of SD 1.5 at 512²: about 60 MB).
+    How: the tracer's own per-step snapshots (``trace(pipe, snapshots="step")``, a copy of the small native-
+    resolution heat buffers after each step, under the tracer's memory guard ``max_snapshot_bytes``) and
+    :meth:`Trace.compute_step_heat_maps`, which differences them; a step's map equals a ``trace(pipe, steps=[i])``
+    run to fp32 rounding (the tests check a phase against such a run), without running the pipeline per step.
+    ``trace_kwargs`` go to :func:`daam_fast.trace` (e.g. ``max_snapshot_bytes``; not ``steps``).
 
     Returns:
         ``(generation, profile)``: the :class:`Generation` (whole-run maps; negative-prompt maps as in
@@ -396,29 +396,18 @@ def trace_time_profile(
     """
     from .trace import trace
 
-    if trace_kwargs and "steps" in trace_kwargs:
-        raise ValueError("trace_time_profile traces every step; do not pass steps in trace_kwargs")
-    cumulative: list[GlobalHeatMap] = []
+    kwargs = dict(trace_kwargs or {})
+    if "steps" in kwargs or "snapshots" in kwargs:
+        raise ValueError("trace_time_profile traces every step with snapshots; do not pass steps or snapshots")
     negative = _negative_wanted(pipe_kwargs)
     generator = _generator(pipe, seed)
-    with trace(pipe, negative=negative, **(trace_kwargs or {})) as tc:
-
-        def after_step(module, args, output):
-            if tc.records and tc.records[-1].slots:
-                cumulative.append(tc.compute_global_heat_map())
-
-        handle = pipe.unet.register_forward_hook(after_step)
-        try:
-            image = pipe(prompt, generator=generator, **pipe_kwargs).images[0]
-        finally:
-            handle.remove()
+    with trace(pipe, negative=negative, snapshots="step", **kwargs) as tc:
+        image = pipe(prompt, generator=generator, **pipe_kwargs).images[0]
         gm = tc.compute_global_heat_map()
         neg = tc.compute_global_heat_map(negative=True) if negative else None
+        per_step = tc.compute_step_heat_maps()
     for g in (gm, neg):
         if g is not None:
             g.meta["seed"] = int(seed)
-    steps = []
-    for i, g in enumerate(cumulative):
-        prev = cumulative[i - 1].heat_maps if i else torch.zeros_like(g.heat_maps)
-        steps.append(GlobalHeatMap(g.tokens, g.heat_maps - prev, g.positions, {**g.meta, "step": i}))
+    steps = [per_step[k] for k in sorted(per_step)]
     return Generation(int(seed), image, gm, neg), time_profile(steps, words, phases)

@@ -186,7 +186,7 @@ def test_time_profile_run_also_gives_negative_maps(sd_pipe):
     plain = A.trace_generation(sd_pipe, PROMPT, seed=3, **kw)
     assert gen.negative_maps.prompt == "ugly blurry" and gen.negative_maps.meta["seed"] == 3
     torch.testing.assert_close(gen.negative_maps.heat_maps, plain.negative_maps.heat_maps)
-    torch.testing.assert_close(gen.maps.heat_maps, plain.maps.heat_maps)  # the hook changes nothing
+    torch.testing.assert_close(gen.maps.heat_maps, plain.maps.heat_maps)  # snapshots change nothing
 
 
 def test_sdxl_pipeline(sdxl_pipe):

@@ -47,11 +47,49 @@ _EPS = 1e-12
 
 
 # ------------------------------------------------------------------------------------------------ words
+def _sources(gm: GlobalHeatMap) -> list[tuple]:
+    """``[(PromptTokens, offset)]`` of the texts the map's words come from: the prompt for UNet models; for
+    joint-attention maps (SD3, Flux: :class:`~daam_fast.heatmap.JointGlobalHeatMap`) the default source's
+    tokenizers (SD3 with T5: CLIP at 0 and T5 at 77), as ``compute_word_heat_map`` looks words up."""
+    sources = getattr(gm, "sources", None)
+    if not sources:
+        return [(gm.tokens, 0)]
+    default = getattr(gm, "default_source", "both")
+    return [sources[n] for n in (list(sources) if default == "both" else [default])]
+
+
+def _content_positions(gm: GlobalHeatMap) -> list[int]:
+    """Traced positions of prompt tokens: tokens with a character span (no start / end / padding tokens)."""
+    traced = set(gm.positions)
+    return [
+        off + i
+        for tokens, off in _sources(gm)
+        for i, (a, b) in enumerate(tokens.offsets)
+        if b > a and off + i in traced
+    ]
+
+
+def _word_positions(gm: GlobalHeatMap, word: str) -> list[int]:
+    """All positions of ``word`` over the map's sources (a word may be cut from one window but not another)."""
+    from .tokens import WordNotFoundError
+
+    found, errors = [], []
+    for tokens, off in _sources(gm):
+        try:
+            found += [off + p for p in tokens.positions(word)]
+        except WordNotFoundError as exc:
+            errors.append(exc)
+    if not found:
+        raise errors[0]
+    return found
+
+
 def prompt_words(gm: GlobalHeatMap) -> list[str]:
     """The prompt's distinct words in prompt order (case-insensitive; the first spelling is kept)."""
     seen: dict[str, str] = {}
-    for w in gm.tokens.words:
-        seen.setdefault(w.text.casefold(), w.text)
+    for tokens, _ in _sources(gm):
+        for w in tokens.words:
+            seen.setdefault(w.text.casefold(), w.text)
     return list(seen.values())
 
 
@@ -94,18 +132,18 @@ def word_influence(gm: GlobalHeatMap, words: Sequence[str] | None = None) -> lis
         words: words to rank (default all :func:`prompt_words`).
     Returns:
         :class:`WordInfluence` per word, sorted by ``share`` descending. The total counts every traced prompt
-        token (positions ``1 .. n_tokens-2``), punctuation included, so shares of the words sum to at most 1;
-        the remainder belongs to tokens that are no word (``,``, ``(``).
+        token (no start, end or padding tokens), punctuation included, so shares of the words sum to at most 1;
+        the remainder belongs to tokens that are no word (``,``, ``(``). For SD3 with T5 both encoders' tokens
+        count (a word's mass sums its CLIP and T5 tokens).
     """
-    n = gm.tokens.n_tokens()
-    inner = [p for p in gm.positions if 0 < p < n - 1]
+    inner = _content_positions(gm)
     if not inner:
         raise ValueError("no prompt tokens were traced (only start / end tokens)")
     mass = {p: float(gm.token_heat_map(p).double().sum()) for p in inner}
     total = sum(mass.values())
     out = []
     for word in _words(gm, words):
-        positions = tuple(p for p in gm.tokens.positions(word) if p in mass)
+        positions = tuple(p for p in _word_positions(gm, word) if p in mass)
         m = sum(mass[p] for p in positions)
         out.append(WordInfluence(word, positions, m, m / total if total > 0 else float("nan")))
     return sorted(out, key=lambda r: -r.share if r.share == r.share else 0.0)
@@ -356,14 +394,11 @@ def time_profile(
         raise ValueError("time_profile needs one GlobalHeatMap per step, got none")
     first = step_maps[0]
     chosen = _words(first, words)
-    n = first.tokens.n_tokens()
-    inner = [p for p in first.positions if 0 < p < n - 1]
+    inner = _content_positions(first)
+    positions = {w: _word_positions(first, w) for w in chosen}
     maps = torch.stack([word_maps(g, chosen)[1] for g in step_maps])  # [S, N, H, W]
     mass = torch.tensor(
-        [
-            [float(sum(g.token_heat_map(p).double().sum() for p in g.tokens.positions(w))) for w in chosen]
-            for g in step_maps
-        ],
+        [[float(sum(g.token_heat_map(p).double().sum() for p in positions[w])) for w in chosen] for g in step_maps],
         dtype=torch.float64,
     )
     totals = torch.tensor([float(sum(g.token_heat_map(p).double().sum() for p in inner)) for g in step_maps])

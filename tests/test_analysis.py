@@ -194,3 +194,24 @@ def test_sdxl_pipeline(sdxl_pipe):
     assert sum(r.share for r in A.word_influence(gen.maps)) == pytest.approx(1.0)
     d = A.dominance_map(gen.maps, ["circle", "square"])
     assert d.index.shape == gen.maps.heat_maps.shape[1:] and sum(d.area().values()) == pytest.approx(1.0)
+
+
+def test_joint_attention_sd3_counts_both_encoders():
+    from daam_fast.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    gen = A.trace_generation(pipe, PROMPT, seed=0, max_sequence_length=32, **KW)
+    gm = gen.maps
+    clip, _ = gm.source_tokens("clip")
+    t5, t5_off = gm.source_tokens("t5")
+    assert gm.default_source == "both" and A.prompt_words(gm) == ["a", "red", "circle", "and", "blue", "square"]
+    shares = {r.word: r for r in A.word_influence(gm)}
+    red = set(clip.positions("red")) | {t5_off + p for p in t5.positions("red")}
+    assert set(shares["red"].positions) == red
+    assert shares["red"].mass == pytest.approx(sum(float(gm.token_heat_map(p).double().sum()) for p in red))
+    content = [i for i, (a, b) in enumerate(clip.offsets) if b > a]
+    content += [t5_off + i for i, (a, b) in enumerate(t5.offsets) if b > a]
+    total = sum(float(gm.token_heat_map(p).double().sum()) for p in content)
+    assert shares["red"].share == pytest.approx(shares["red"].mass / total)
+    o = A.concept_overlap(gm, ["red", "square"])
+    assert o.iou[0, 0] == pytest.approx(1.0)

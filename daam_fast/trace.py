@@ -231,7 +231,8 @@ class Trace(JointTraceMixin):
         if self.tokens is not None and (not self.tokens or min(self.tokens) < 0):
             raise ValueError(f"tokens must be non-empty key positions >= 0, got {tokens!r}")
         # transformers gives an unknown limit as a huge sentinel; only a real text window length counts here.
-        window = getattr(self.tokenizers[0], "model_max_length", None)
+        # Joint transformers' text spans several tokenizers: checked at their first call instead.
+        window = getattr(self.tokenizers[0], "model_max_length", None) if self.family is None else None
         if self.tokens is not None and isinstance(window, int) and window < 1_000_000 and max(self.tokens) >= window:
             raise ValueError(
                 f"tokens {[t for t in self.tokens if t >= window]} out of range: the tokenizer's text window has "

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean cuda-headers
+.PHONY: venv demo test bench lint clean cuda-headers browser browser-if-possible ui figures
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,22 @@ cuda-headers:
 	@if command -v nvcc >/dev/null 2>&1; then ./scripts/cuda_build_env.sh >/dev/null; \
 	else echo "cuda-headers: nvcc not found, skipping (the CUDA compile test will skip)"; fi
 
-test: $(STAMP) cuda-headers
+test: $(STAMP) cuda-headers browser-if-possible
 	$(PY) -m pytest -q
+
+# The UI's browser test needs Chromium; where it cannot be installed (no root, no apt) that test skips.
+browser-if-possible:
+	@scripts/install_browser.sh >/dev/null 2>&1 || echo "browser: Chromium could not be installed; the UI browser test will skip"
+
+# Headless Chromium + chromedriver for tests/test_ui.py's browser test (Debian packages, needs root).
+browser:
+	scripts/install_browser.sh
+
+ui: $(STAMP)
+	$(PY) -m daam_fast.cli ui
+
+figures: $(STAMP)
+	$(PY) scripts/make_readme_figures.py
 
 # CPU benchmarks (minutes to an hour on 2 shared cores); prints the comparison tables, also written to bench-out/.
 bench: $(STAMP)

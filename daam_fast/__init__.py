@@ -1,0 +1,27 @@
+"""daam_fast: exact DAAM per-word attribution heat maps for diffusers pipelines, at almost no cost.
+
+>>> from daam_fast import trace
+>>> with trace(pipe) as tc:
+...     image = pipe(prompt).images[0]
+...     heat_map = tc.compute_global_heat_map()
+...     hat = heat_map.compute_word_heat_map("hat")      # hat.heatmap: fp32 [H_latent, W_latent]
+"""
+
+import logging
+
+from .heatmap import GlobalHeatMap, HeatMapFileError, WordHeatMap, load
+from .trace import Record, Trace, UnsupportedPipelineError, trace
+
+__version__ = "0.1.0"
+__all__ = [
+    "GlobalHeatMap",
+    "HeatMapFileError",
+    "Record",
+    "Trace",
+    "UnsupportedPipelineError",
+    "WordHeatMap",
+    "load",
+    "trace",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -21,10 +21,10 @@ import torch
 
 __all__ = [
     "clip_bpe_path",
-    "write_clip_tokenizer_files",
     "clip_tokenizer",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "write_clip_tokenizer_files",
 ]
 
 
@@ -52,7 +52,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def write_clip_tokenizer_files(dest: str | os.PathLike) -> Path:
@@ -70,7 +70,7 @@ def write_clip_tokenizer_files(dest: str | os.PathLike) -> Path:
     return dest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_dir() -> Path:
     return write_clip_tokenizer_files(tempfile.mkdtemp(prefix="daam_fast_clip_"))
 
@@ -122,7 +122,9 @@ def _vae(seed: int, latent_channels: int = 4):
     ).eval()
 
 
-def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", attention_head_dim=(2, 4), cross_attention_dim: int = 32):
+def tiny_sd_pipeline(
+    seed: int = 0, prediction_type: str = "epsilon", attention_head_dim=(2, 4), cross_attention_dim: int = 32
+):
     """A random-weight SD-1.x-shaped ``StableDiffusionPipeline`` (a few MB), with the real CLIP tokenizer.
 
     VAE scale factor 2; the UNet has cross-attention at the latent grid and at 1/2 of it (down and
@@ -145,8 +147,13 @@ def tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon", attention_
         norm_num_groups=8,
     ).eval()
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,

@@ -20,11 +20,11 @@ from . import reference
 __all__ = [
     "Backend",
     "BackendUnavailable",
-    "register_backend",
     "backends",
-    "select_backend",
     "capture_from_lse",
     "capture_self_normalising",
+    "register_backend",
+    "select_backend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,9 @@ def select_backend(
     )
 
 
-def capture_from_lse(q, k_sel, lse, scale, out, *, bias=None, backend=None, max_chunk_bytes=reference.DEFAULT_CHUNK_BYTES):
+def capture_from_lse(
+    q, k_sel, lse, scale, out, *, bias=None, backend=None, max_chunk_bytes=reference.DEFAULT_CHUNK_BYTES
+):
     """Dispatching :func:`daam_fast.kernels.reference.capture_from_lse` (same shapes and dtypes)."""
     b = select_backend(q, out, bias, backend)
     return b.capture_from_lse(q, k_sel, lse, scale, out, bias=bias, max_chunk_bytes=max_chunk_bytes)

@@ -197,4 +197,3 @@ def naive_attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None 
     if bias is not None:
         s = s + bias.double()
     return torch.softmax(s, dim=-1)
-

@@ -1,0 +1,219 @@
+"""Heat-map objects: per-token maps of one traced image (:class:`GlobalHeatMap`) and per-word maps
+(:class:`WordHeatMap`), with daam 0.2.0's names; saving to safetensors + JSON metadata (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokens import PromptTokens
+
+__all__ = ["FORMAT_VERSION", "GlobalHeatMap", "HeatMapFileError", "WordHeatMap", "load"]
+
+#: Version of the saved-file layout; files from a newer version are refused.
+FORMAT_VERSION = 1
+_FORMAT = "daam_fast.heatmap"
+
+
+class HeatMapFileError(ValueError):
+    """A saved heat-map file is corrupt, truncated, not ours, or from a newer format version."""
+
+
+def _image_hw(image) -> tuple[int, int]:
+    if hasattr(image, "shape"):  # numpy [H, W, C] or torch
+        return int(image.shape[0]), int(image.shape[1])
+    w, h = image.size  # PIL: (width, height)
+    return int(h), int(w)
+
+
+class WordHeatMap:
+    """The heat map of one word: ``heatmap`` fp32 ``[H_latent, W_latent]`` (mean of its tokens' maps)."""
+
+    def __init__(self, heatmap: torch.Tensor, word: str | None = None, word_idx: int | None = None, positions=()):
+        self.heatmap = heatmap
+        self.word = word
+        self.word_idx = word_idx
+        self.positions = list(positions)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """daam's alias of :attr:`heatmap`."""
+        return self.heatmap
+
+    def expand(self, size: tuple[int, int], absolute: bool = False, threshold: float | None = None) -> torch.Tensor:
+        """Bicubic up-sampling to ``size = (height, width)``: fp32 ``[height, width]`` on the CPU.
+
+        Unless ``absolute``, the result is min-max normalised to [0, 1] (daam's ``expand_as``);
+        ``threshold`` then binarises it (daam uses 0.4 for masks).
+        """
+        im = F.interpolate(self.heatmap.detach().float()[None, None], size=tuple(size), mode="bicubic")[0, 0]
+        if not absolute:
+            im = (im - im.min()) / (im.max() - im.min() + 1e-8)
+        if threshold is not None:
+            im = (im > threshold).float()
+        return im.cpu()
+
+    def expand_as(self, image, absolute: bool = False, threshold: float | None = None) -> torch.Tensor:
+        """:meth:`expand` to the size of ``image`` (PIL image or ``[H, W, C]`` array); non-square images keep
+        their orientation (daam swaps height and width there)."""
+        return self.expand(_image_hw(image), absolute=absolute, threshold=threshold)
+
+    def plot_overlay(self, image, out_file=None, color_normalize: bool = True, ax=None, cmap: str = "jet", title=None):
+        """Draw the map over ``image`` with matplotlib (daam's look: the map under a semi-opaque image).
+
+        Args:
+            image: PIL image or ``[H, W, 3]`` uint8 array.
+            out_file: save the figure there when given.
+            color_normalize: scale colours to the map's own range; else clamp to [0, 1].
+            ax: draw into this axes; default a new figure.
+        Returns:
+            The matplotlib axes drawn into.
+        """
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(5, 5))
+        heat = self.expand_as(image, absolute=not color_normalize)
+        if not color_normalize:
+            heat = heat.clamp(0, 1)
+        ax.imshow(heat.numpy(), cmap=cmap, vmin=None if color_normalize else 0.0, vmax=None if color_normalize else 1.0)
+        im = torch.from_numpy(np.array(image.convert("RGB") if hasattr(image, "convert") else image)).float()
+        im = im / 255 if im.max() > 1 else im
+        ax.imshow(torch.cat((im, 1 - heat.unsqueeze(-1)), dim=-1).clamp(0, 1).numpy())
+        ax.set_title(title if title is not None else (self.word or ""))
+        ax.axis("off")
+        if out_file is not None:
+            (fig or ax.figure).savefig(out_file, bbox_inches="tight")
+        if fig is not None and out_file is not None:
+            plt.close(fig)
+        return ax
+
+
+class GlobalHeatMap:
+    """Per-token heat maps of one traced image.
+
+    Attributes:
+        tokens: the prompt's :class:`~daam_fast.tokens.PromptTokens`.
+        heat_maps: fp32 ``[n_positions, H_latent, W_latent]``; row ``i`` is token position ``positions[i]``
+            (0 = start token), as daam's ``heat_maps`` when all positions were traced.
+        positions: token positions of the rows.
+        meta: model, steps, sizes, ... (saved with the maps).
+    """
+
+    def __init__(self, tokens: PromptTokens, heat_maps: torch.Tensor, positions=None, meta: dict | None = None):
+        self.tokens = tokens
+        self.heat_maps = heat_maps
+        self.positions = list(range(heat_maps.shape[0])) if positions is None else list(positions)
+        self.meta = dict(meta or {})
+        self._row = {p: i for i, p in enumerate(self.positions)}
+
+    @property
+    def prompt(self) -> str:
+        return self.tokens.prompt
+
+    def token_heat_map(self, position: int) -> torch.Tensor:
+        """fp32 ``[H, W]`` map of one token position."""
+        if position not in self._row:
+            raise IndexError(f"token position {position} was not traced; traced positions: {self.positions}")
+        return self.heat_maps[self._row[position]]
+
+    def compute_word_heat_map(
+        self, word: str, word_idx: int | None = None, occurrence: int | None = None
+    ) -> WordHeatMap:
+        """The map of ``word``: the mean of the maps of its tokens (all occurrences unless ``occurrence``).
+
+        Args:
+            word: a word (or several) of the prompt; case-insensitive, whole words, weighting syntax
+                like ``(word:1.3)`` stripped.
+            word_idx: daam's meaning: use the single token at index ``word_idx`` of the prompt's tokens
+                (0 = first token after the start token) instead of looking ``word`` up.
+            occurrence: the n-th (0-based) occurrence of a repeated word.
+        """
+        if word_idx is not None:
+            n_prompt = self.tokens.n_tokens() - 2
+            if not 0 <= word_idx < n_prompt:
+                raise IndexError(
+                    f"word_idx {word_idx} out of range: the prompt has {n_prompt} tokens (0..{n_prompt - 1})"
+                )
+            positions = [word_idx + 1]
+        else:
+            positions = self.tokens.positions(word, occurrence)
+        rows = [self._row.get(p) for p in positions]
+        if any(r is None for r in rows):
+            raise IndexError(f"tokens {positions} of {word!r} were not all traced; traced positions: {self.positions}")
+        return WordHeatMap(self.heat_maps[rows].mean(0), word, word_idx, positions)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, **extra_meta: Any) -> Path:
+        """Write maps (safetensors) and metadata (JSON in the safetensors header) to ``path``, atomically:
+        a temporary file in the same folder is renamed, so an interrupted save leaves no partial file."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {**self.meta, **extra_meta}
+        header = {
+            "format": _FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "tokens": json.dumps(self.tokens.to_dict(), ensure_ascii=False),
+            "positions": json.dumps(self.positions),
+            "meta": json.dumps(meta, ensure_ascii=False, default=str),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.close(fd)
+        try:
+            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> GlobalHeatMap:
+        """Read a file written by :meth:`save`. Raises :class:`HeatMapFileError` for corrupt, truncated or
+        foreign files and for files of a newer format version."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if header.get("format") != _FORMAT:
+                    raise HeatMapFileError(f"{path} is not a daam_fast heat-map file (format={header.get('format')!r})")
+                version = int(header.get("format_version", "0"))
+                if version > FORMAT_VERSION:
+                    raise HeatMapFileError(
+                        f"{path} has format version {version}; this daam_fast reads up to {FORMAT_VERSION}: "
+                        "upgrade daam_fast"
+                    )
+                maps = f.get_tensor("heat_maps")
+            tokens = PromptTokens.from_dict(json.loads(header["tokens"]))
+            positions = json.loads(header["positions"])
+            meta = json.loads(header["meta"])
+        except HeatMapFileError:
+            raise
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise HeatMapFileError(f"{path} is corrupt or truncated: {exc}") from exc
+        if maps.dim() != 3 or maps.shape[0] != len(positions):
+            raise HeatMapFileError(f"{path}: maps {tuple(maps.shape)} do not match {len(positions)} positions")
+        return cls(tokens, maps, positions=positions, meta=meta)
+
+
+def load(path: str | os.PathLike) -> GlobalHeatMap:
+    """Load a :class:`GlobalHeatMap` saved with :meth:`GlobalHeatMap.save`."""
+    return GlobalHeatMap.load(path)

@@ -30,18 +30,25 @@ DEFAULT_PROMPTS = (
 _STOPWORDS = {"a", "and"}
 
 
-def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, folder: str | os.PathLike | None = None):
+def load_pipeline(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, folder: str | os.PathLike | None = None
+):
     """Load the shipped demo model as a ``diffusers.StableDiffusionPipeline`` with ``from_pretrained``.
 
     The weights are stored in fp16 and cast to ``dtype`` (fp32 by default: fp16 matmuls are slow
     or missing on CPUs). 32x32 RGB images, 16x16x4 latents, DDIM scheduler, real CLIP tokenizer.
     """
+    import diffusers
     from diffusers import StableDiffusionPipeline
 
+    # diffusers renamed torch_dtype to dtype (0.42 warns about the old name; older ones lack the new).
+    major_minor = tuple(int(x) for x in diffusers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if major_minor >= (0, 42) else "torch_dtype"
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder or MODEL_DIR), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        str(folder or MODEL_DIR), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        **{dtype_kw: dtype},
     )
-    pipe.to(device=device, dtype=dtype)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -57,7 +64,7 @@ def _words(prompt: str) -> list[str]:
 def run_demo(
     out_dir: str | os.PathLike,
     prompts: list[str] | tuple[str, ...] | None = None,
-    steps: int = 25,
+    steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 4.0,
     pipe=None,
@@ -98,22 +105,14 @@ def run_demo(
             )
             global_map = tc.compute_global_heat_map()
             words = _words(prompt)
-            maps = {w: global_map.compute_word_heat_map(w).heatmap.detach().float().cpu() for w in words}
+            maps = {w: global_map.compute_word_heat_map(w) for w in words}
         image = (out.images[0] * 255).round().clip(0, 255).astype(np.uint8)
         files = _plot(plt, out_dir, n, prompt, image, maps)
-        results.append({"prompt": prompt, "image": image, "heatmaps": maps, "files": files})
+        heatmaps = {w: m.heatmap.detach().float().cpu() for w, m in maps.items()}
+        results.append({"prompt": prompt, "image": image, "heatmaps": heatmaps, "files": files})
     bar.close()
     logger.info("demo: wrote %d files to %s", sum(len(r["files"]) for r in results), out_dir)
     return results
-
-
-def _upsample(heat: torch.Tensor, size: tuple[int, int]) -> "np.ndarray":  # noqa: F821
-    # DAAM's expand_as: bicubic to the image size, clamp the overshoot, normalise to [0, 1].
-    import torch.nn.functional as F
-
-    m = F.interpolate(heat[None, None].float(), size=size, mode="bicubic", align_corners=False)[0, 0].clamp(min=0)
-    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-    return m.numpy()
 
 
 def _plot(plt, out_dir: Path, n: int, prompt: str, image, maps: dict) -> list[Path]:
@@ -131,7 +130,8 @@ def _plot(plt, out_dir: Path, n: int, prompt: str, image, maps: dict) -> list[Pa
     fig.savefig(files[-1], bbox_inches="tight")
     plt.close(fig)
 
-    up = {word: _upsample(m, (h, w)) for word, m in maps.items()}
+    # WordHeatMap.expand: daam's bicubic up-sampling to the image size, min-max normalised to [0, 1].
+    up = {word: m.expand((h, w)).numpy() for word, m in maps.items()}
     for word, m in up.items():
         fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
         ax.imshow(image, interpolation="nearest", extent=extent)

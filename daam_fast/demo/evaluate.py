@@ -11,11 +11,12 @@ Two settings:
     colour it is paired with in the caption. Words whose colour the model did not paint (fewer
     than ``min_pixels`` pixels) are left out and counted.
 
-A word map ``[16, 16]`` is upsampled bicubically to 32x32, clamped at 0, normalised to [0, 1] and
-thresholded at 0.4 (DAAM's tau); IoU against the word's mask; mIoU is the mean over words.
-Baselines: *uniform* (a constant map: after normalisation every pixel passes, so it predicts the
-whole image), *centre blob* (a centred Gaussian, sigma = size/4), *all foreground* (every object
-pixel, for every word: knows where the objects are but not which is which).
+A word map ``[16, 16]`` is binarised with daam_fast's ``WordHeatMap.expand_as(image, threshold=0.4)``
+(bicubic to 32x32, min-max normalised to [0, 1], > 0.4: DAAM's recipe and tau); IoU against the
+word's mask; mIoU is the mean over (image, word) pairs.
+Baselines: *uniform* (a constant map; we count it as predicting the whole image), *centre blob*
+(a centred Gaussian, sigma = size/4, normalised and thresholded the same way), *all foreground*
+(every object pixel, for every word: knows where the objects are but not which is which).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from daam_fast.demo import shapes
 
@@ -38,26 +38,22 @@ EVAL_SEED_GENERATED = 2
 _METHODS = ("daam", "uniform", "centre_blob", "all_foreground")
 
 
-def _binarise(heat: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    # DAAM's recipe: bicubic upsampling, clamp the overshoot, normalise to [0, 1], threshold.
-    m = F.interpolate(heat[None, None].float(), size=size, mode="bicubic", align_corners=False)[0, 0].clamp(min=0)
-    span = m.max() - m.min()
-    if span <= 0:  # a constant map: every pixel is at the maximum
-        return np.ones(size, bool)
-    return (((m - m.min()) / span) > THRESHOLD).numpy()
-
-
-def word_iou(heat: torch.Tensor, mask: np.ndarray) -> float:
-    """IoU of a word heat map (float ``[h, w]``, any resolution) with a bool mask ``[H, W]``."""
-    pred = _binarise(heat, mask.shape)
+def word_iou(pred: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of two bool masks ``[H, W]`` (0 when both are empty)."""
     union = (pred | mask).sum()
     return float((pred & mask).sum() / union) if union else 0.0
 
 
-def _centre_blob(size: int) -> torch.Tensor:
-    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+def _daam_mask(word_map, size: int) -> np.ndarray:
+    # The public API's daam-style binarisation of a WordHeatMap at image size.
+    return word_map.expand((size, size), threshold=THRESHOLD).numpy() > 0.5
+
+
+def _centre_blob(size: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size] + 0.5
     s = size / 4
-    return torch.exp(-((x - size / 2) ** 2 + (y - size / 2) ** 2) / (2 * s * s))
+    blob = np.exp(-((x - size / 2) ** 2 + (y - size / 2) ** 2) / (2 * s * s))
+    return (blob - blob.min()) / (blob.max() - blob.min()) > THRESHOLD
 
 
 class _Scores:
@@ -82,19 +78,18 @@ def _score_baselines(scores: _Scores, word_masks: dict[str, np.ndarray], foregro
     blob = _centre_blob(size)
     for word, mask in word_masks.items():
         kind = "colour" if word in shapes.COLOURS else "shape"
-        scores.add("uniform", kind, word_iou(torch.ones(size, size), mask))
+        scores.add("uniform", kind, word_iou(np.ones_like(mask), mask))
         scores.add("centre_blob", kind, word_iou(blob, mask))
-        scores.add("all_foreground", kind, float(mask.sum() / (mask | foreground).sum()))
+        scores.add("all_foreground", kind, word_iou(foreground | mask, mask))
 
 
-def _traced_word_maps(run, words) -> dict[str, torch.Tensor]:
+def _traced_word_maps(pipe, words, **call_kwargs):
     from daam_fast import trace
 
-    pipe, call = run
     with trace(pipe) as tc:
-        out = call()
+        out = pipe(**call_kwargs)
         gm = tc.compute_global_heat_map()
-        maps = {w: gm.compute_word_heat_map(w).heatmap.detach().float().cpu() for w in words}
+        maps = {w: gm.compute_word_heat_map(w) for w in words}
     return out, maps
 
 
@@ -141,12 +136,12 @@ def evaluate(
         _score_baselines(scores, wmasks, sc.masks.any(0))
         for j, s in enumerate(strengths):
             g = torch.Generator().manual_seed(seed * 100_003 + i * len(strengths) + j)
-            call = lambda: img2img(sc.caption, image=Image.fromarray(sc.image), strength=s,  # noqa: E731
-                                   num_inference_steps=steps, guidance_scale=guidance_scale, generator=g,
-                                   output_type="np")
-            _, maps = _traced_word_maps((img2img, call), list(wmasks))
+            _, maps = _traced_word_maps(
+                img2img, list(wmasks), prompt=sc.caption, image=Image.fromarray(sc.image), strength=s,
+                num_inference_steps=steps, guidance_scale=guidance_scale, generator=g, output_type="np",
+            )
             for word, mask in wmasks.items():
-                iou = word_iou(maps[word], mask)
+                iou = word_iou(_daam_mask(maps[word], mask.shape[0]), mask)
                 kind = "colour" if word in shapes.COLOURS else "shape"
                 scores.add("daam", kind, iou)
                 by_strength[s].add("daam", kind, iou)
@@ -158,10 +153,9 @@ def evaluate(
     for i in tqdm(range(n_generated), desc="generated images", disable=not progress):
         sc = shapes.random_scene(EVAL_SEED_GENERATED, i)
         g = torch.Generator().manual_seed(seed * 100_003 + i)
-        call = lambda: pipe(sc.caption, num_inference_steps=steps, guidance_scale=guidance_scale,  # noqa: E731
-                            generator=g, output_type="np")
         words = [w for o in sc.objects for w in (o.colour, o.shape)]
-        out, maps = _traced_word_maps((pipe, call), words)
+        out, maps = _traced_word_maps(pipe, words, prompt=sc.caption, num_inference_steps=steps,
+                                      guidance_scale=guidance_scale, generator=g, output_type="np")
         image = (out.images[0] * 255).round().clip(0, 255).astype(np.uint8)
         seg = shapes.segment_by_colour(image)
         foreground = np.any(list(seg.values()), axis=0)
@@ -173,7 +167,8 @@ def evaluate(
             wmasks[o.colour] = wmasks[o.shape] = seg[o.colour]
         _score_baselines(scores, wmasks, foreground)
         for word, mask in wmasks.items():
-            scores.add("daam", "colour" if word in shapes.COLOURS else "shape", word_iou(maps[word], mask))
+            iou = word_iou(_daam_mask(maps[word], mask.shape[0]), mask)
+            scores.add("daam", "colour" if word in shapes.COLOURS else "shape", iou)
     if n_generated:
         result["generated"] = scores.summary()
         result["generated"]["n_words_missing"] = missing
@@ -201,3 +196,16 @@ def format_table(result: dict) -> str:
         lines.append(f"\nGenerated images: {result['generated']['n_words_missing']} words left out because the "
                      f"model did not paint their colour.")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m daam_fast.demo.evaluate: the model card's table
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Evaluate the demo model's word maps (prints a Markdown table).")
+    ap.add_argument("--scenes", type=int, default=100)
+    ap.add_argument("--generated", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(format_table(evaluate(n_scenes=a.scenes, n_generated=a.generated, steps=a.steps, progress=True)))

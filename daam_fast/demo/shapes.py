@@ -71,7 +71,7 @@ class Scene:
     def word_masks(self) -> dict[str, np.ndarray]:
         """Ground-truth mask (bool ``[SIZE, SIZE]``) of every colour and shape word in the caption."""
         out: dict[str, np.ndarray] = {}
-        for obj, m in zip(self.objects, self.masks):
+        for obj, m in zip(self.objects, self.masks, strict=True):
             out[obj.colour] = m
             out[obj.shape] = m
         return out
@@ -133,7 +133,7 @@ def random_scene(seed: int, index: int = 0, n_objects: int | None = None, size: 
     shapes = rng.choice(SHAPES, size=n, replace=False)
     while True:  # rejection sampling; three objects of <= 14 px fit on 32 px in a few tries
         objs, taken = [], np.zeros((size, size), bool)
-        for c, s in zip(colours, shapes):
+        for c, s in zip(colours, shapes, strict=True):
             r = float(rng.uniform(_MIN_R, _MAX_R))
             for _ in range(50):
                 cx, cy = rng.uniform(r, size - r, size=2)

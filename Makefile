@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean cuda-headers browser browser-if-possible ui figures
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,35 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m daam_fast.cli demo --out daam-out
 
-test: $(STAMP)
+# Headers of a CUDA build of torch (a venv under .cache/, never imported) for tests/test_cuda_build.py, which
+# compiles csrc/ with nvcc. Does nothing without nvcc; the test then skips.
+cuda-headers:
+	@if command -v nvcc >/dev/null 2>&1; then ./scripts/cuda_build_env.sh >/dev/null; \
+	else echo "cuda-headers: nvcc not found, skipping (the CUDA compile test will skip)"; fi
+
+test: $(STAMP) cuda-headers browser-if-possible
 	$(PY) -m pytest -q
 
+# The UI's browser test needs Chromium; where it cannot be installed (no root, no apt) that test skips.
+browser-if-possible:
+	@scripts/install_browser.sh >/dev/null 2>&1 || echo "browser: Chromium could not be installed; the UI browser test will skip"
+
+# Headless Chromium + chromedriver for tests/test_ui.py's browser test (Debian packages, needs root).
+browser:
+	scripts/install_browser.sh
+
+ui: $(STAMP)
+	$(PY) -m daam_fast.cli ui
+
+figures: $(STAMP)
+	$(PY) scripts/make_readme_figures.py
+
+# CPU benchmarks (minutes to an hour on 2 shared cores); prints the comparison tables, also written to bench-out/.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	DAAM_FAST_BENCH_OUT=bench-out $(PY) -m pytest benchmarks -q --benchmark-only
 
 lint: $(STAMP)
 	$(PY) -m ruff check daam_fast tests benchmarks
 
 clean:
-	rm -rf $(VENV) daam-out build *.egg-info
+	rm -rf $(VENV) daam-out bench-out gpu-check-out build *.egg-info

@@ -10,13 +10,14 @@
 import logging
 
 from .heatmap import GlobalHeatMap, HeatMapFileError, WordHeatMap, load
-from .trace import Record, Trace, UnsupportedPipelineError, trace
+from .trace import Record, SnapshotBudgetError, Trace, UnsupportedPipelineError, trace
 
 __version__ = "0.1.0"
 __all__ = [
     "GlobalHeatMap",
     "HeatMapFileError",
     "Record",
+    "SnapshotBudgetError",
     "Trace",
     "UnsupportedPipelineError",
     "WordHeatMap",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,9 +55,306 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- generate / analyze
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit code 2."""
+
+
+REPORT_EPILOG = """\
+examples:
+  daam-fast generate --model ./my-sd-folder --prompt "a red circle and a blue square" --words red circle
+  daam-fast generate --model runwayml/stable-diffusion-v1-5 --prompt "a cat on a sofa" \\
+      --negative-prompt "blurry" --seeds 0-7 --steps 30 --size 512x512 --out cat-run
+  daam-fast analyze cat-run/seed0/maps.safetensors --words cat sofa --out cat-analysis
+
+outputs (paths relative to --out):
+  report.json                 the analysis (fields below)
+  seed<S>/image.png           the generated image of seed S
+  seed<S>/maps.safetensors    per-token heat maps (daam_fast.load / daam-fast analyze)
+  seed<S>/negative_maps.safetensors   negative-prompt maps (with --negative-prompt)
+  seed<S>/overlays/NN_<word>.png      each word's map over the image, at the image's size
+  seed<S>/overlay_grid.png, overlap.png, dominance.png[, negative_overlay_grid.png]   figures
+  seed_sweep.png              maps across seeds (2+ seeds); time_profile.png: per-step strip (first seed)
+
+report.json fields:
+  daam_fast_version, command ("generate" | "analyze"), model, prompt, negative_prompt, words (analysed),
+  seeds, steps, size ([width, height] of the images), guidance_scale,
+  runs: one per seed: {seed, image, maps, negative_maps, overlays {word: png}, influence [{word, share, mass}]
+        ranked (share of all prompt tokens' attribution, start/end/padding excluded), negative_influence,
+        overlap {words, iou [[..]], pearson [[..]]}, dominance_area {word: fraction of pixels}},
+  seed_sweep: {seeds, stability {word: mean pairwise Pearson across seeds}, figure} or null (one seed),
+  time_profile: {seed, words, phases {early|middle|late: [start, stop)}, share [[step][word]],
+        mass [[step][word]], figure} or null,
+  figures: {name: {path, width, height}} every figure PNG with its pixel size.
+  Undefined numbers (e.g. the correlation of a constant map) are null.
+
+exit codes: 0 ok, 2 bad arguments (one-line message), 1 runtime failure (model failed to load or run).
+"""
+
+
+def _parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UsageError(f"--seeds {text!r}: expected e.g. 0, 0-7 or 1,4,9 (non-negative integers)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"--seeds {text!r}: range {part} is empty (end before start)")
+        seeds.extend(range(lo, hi + 1))
+    if len(seeds) > 1000:
+        raise UsageError(f"--seeds {text!r}: {len(seeds)} seeds is more than 1000")
+    return list(dict.fromkeys(seeds))
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+    width, height = int(m.group(1)), int(m.group(2))
+    if width % 8 or height % 8:  # diffusers' SD / SDXL pipelines refuse other sizes
+        raise UsageError(f"--size {text!r}: width and height must be multiples of 8")
+    return width, height
+
+
+def _looks_local(model: str) -> bool:
+    # A hub id is "name" or "org/name"; anything path-like that does not exist is a missing folder.
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def _load_pipeline(model: str, device: str, quiet: bool = False):
+    import torch
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UsageError(f"--model {model!r}: the folder has no model_index.json (not a diffusers pipeline folder)")
+    if not path.exists() and _looks_local(model):
+        raise UsageError(f"--model {model!r}: no such folder")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dlogging.set_verbosity_error()  # diffusers' loading chatter is not for a command-line user
+    if quiet:
+        dlogging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
+    except Exception as exc:
+        logger.debug("loading %s failed", model, exc_info=True)
+        hint = "" if path.exists() else " (a hub id needs network access or a local cache; or pass a local folder)"
+        raise RuntimeError(f"could not load model {model!r}: {type(exc).__name__}: {exc}{hint}") from exc
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(desc="steps", leave=False, disable=quiet)
+    return pipe
+
+
+def _check_words(tokens, words: list[str] | None, what: str) -> list[str] | None:
+    from .tokens import WordNotFoundError
+
+    if words is None:
+        return None
+    for w in words:
+        try:
+            tokens.positions(w)
+        except (WordNotFoundError, ValueError) as exc:
+            raise UsageError(f"--words: {exc}") from None
+    return words
+
+
+def _base_report(command: str, **fields) -> dict:
+    from . import __version__
+
+    return {"daam_fast_version": __version__, "command": command, **fields}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import analysis as A
+    from .report import FigureSet, sweep_and_profile, write_report, write_run
+    from .tokens import tokenize_shared
+
+    seeds = _parse_seeds(args.seeds)
+    width, height = _parse_size(args.size)
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be at least 1")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    pipe = _load_pipeline(args.model, args.device, args.quiet)
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
+    if not tokenizers:
+        raise UsageError(f"--model {args.model!r}: {type(pipe).__name__} has no CLIP tokenizer; cannot trace it")
+    words = _check_words(tokenize_shared(tokenizers, args.prompt), args.words, "prompt")
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(num_inference_steps=args.steps, height=height, width=width, guidance_scale=args.guidance_scale)
+    if args.negative_prompt:
+        kw["negative_prompt"] = args.negative_prompt
+    from tqdm.auto import tqdm
+
+    figs = FigureSet(out)
+    runs, maps, profile = [], [], None
+    for i, seed in enumerate(tqdm(seeds, desc="seeds", unit="seed", disable=args.quiet)):
+        if i == 0 and not args.no_time_profile:
+            gen, profile = A.trace_time_profile(pipe, args.prompt, seed, words, **kw)
+        else:
+            gen = A.trace_generation(pipe, args.prompt, seed, **kw)
+        chosen = words or A.prompt_words(gen.maps)
+        runs.append(
+            write_run(
+                out,
+                figs,
+                gen.maps,
+                chosen,
+                image=gen.image,
+                negative_maps=gen.negative_maps,
+                seed=seed,
+                model=args.model,
+                prefix=f"seed{seed}",
+            )
+        )
+        maps.append(gen.maps)
+    chosen = words or A.prompt_words(maps[0])
+    sweep, tp = sweep_and_profile(out, figs, maps, chosen, profile, model=args.model)
+    report = _base_report(
+        "generate",
+        model=args.model,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        words=chosen,
+        seeds=seeds,
+        steps=args.steps,
+        size=[width, height],
+        guidance_scale=args.guidance_scale,
+        runs=runs,
+        seed_sweep=sweep,
+        time_profile=tp,
+        figures=figs.entries,
+    )
+    path = write_report(out, report)
+    if not args.quiet:
+        tqdm.write(f"wrote {len(seeds)} run(s) and {len(figs.entries)} figures; report: {path}")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from . import analysis as A
+    from .heatmap import GlobalHeatMap, HeatMapFileError
+    from .report import FigureSet, sweep_and_profile, write_report, write_run
+
+    loaded = []
+    for f in args.maps:
+        p = Path(f)
+        if not p.is_file():
+            raise UsageError(f"{f}: no such file")
+        try:
+            loaded.append(GlobalHeatMap.load(p))
+        except HeatMapFileError as exc:
+            raise UsageError(str(exc)) from None
+    prompts = {g.prompt for g in loaded}
+    if len(prompts) > 1:
+        raise UsageError(f"the maps files have different prompts {sorted(prompts)}; analyse them one at a time")
+    words = _check_words(loaded[0].tokens, args.words, "maps")
+    shapes = {tuple(g.heat_maps.shape[1:]) for g in loaded}
+    if len(shapes) > 1:
+        raise UsageError(f"the maps files have different latent sizes {sorted(shapes)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = words or A.prompt_words(loaded[0])
+    figs = FigureSet(out)
+    runs = []
+    if args.image and len(loaded) > 1:
+        raise UsageError("--image works with one maps file; with several, each uses the image.png next to it")
+    if args.image and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image}: no such file")
+    for i, gm in enumerate(loaded):
+        image_path = Path(args.image) if args.image else Path(args.maps[i]).parent / "image.png"
+        image = Image.open(image_path).convert("RGB") if image_path.is_file() else None
+        seed = gm.meta.get("seed")
+        prefix = f"map{i}" if len(loaded) > 1 else ""
+        model = gm.meta.get("model_name") or gm.meta.get("model")
+        runs.append(
+            write_run(out, figs, gm, chosen, image=image, seed=seed, model=model, prefix=prefix, save_maps=False)
+        )
+        runs[-1]["maps"] = str(args.maps[i])
+    sweep, tp = sweep_and_profile(out, figs, loaded, chosen, None, model=loaded[0].meta.get("model_name"))
+    meta = loaded[0].meta
+    size = meta.get("image_size")
+    report = _base_report(
+        "analyze",
+        model=meta.get("model_name") or meta.get("model"),
+        prompt=loaded[0].prompt,
+        negative_prompt=None,
+        words=chosen,
+        seeds=[g.meta.get("seed") for g in loaded],
+        steps=meta.get("steps"),
+        size=None if size is None else [size[1], size[0]],
+        guidance_scale=None,
+        runs=runs,
+        seed_sweep=sweep,
+        time_profile=tp,
+        figures=figs.entries,
+    )
+    path = write_report(out, report)
+    print(f"wrote {len(figs.entries)} figures; report: {path}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import torch
+
+    from .ui import make_server
+
+    _parse_size(args.size)
+    if args.steps < 1:
+        raise UsageError(f"--steps {args.steps}: must be at least 1")
+    torch.set_num_threads(args.threads)
+    try:
+        server = make_server(
+            args.host,
+            args.port,
+            model=args.model,
+            steps=args.steps,
+            size=args.size,
+            device=args.device,
+            workdir=args.workdir,
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach it can run the model", file=sys.stderr)
+    print(f"daam-fast UI on http://{host}:{port}/  (Ctrl-C to stop; outputs in {server.workdir})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so main() decides the exit code and message."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="daam-fast", description="DAAM heat maps for diffusers pipelines.")
-    sub = p.add_subparsers(dest="command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(
+        prog="daam-fast",
+        description="DAAM heat maps for diffusers pipelines.",
+        formatter_class=raw,
+        epilog="run `daam-fast COMMAND --help` for a command's options and outputs",
+    )
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(
         "demo",
         help="generate with the demo model and write per-word overlays",
@@ -67,14 +366,95 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     d.set_defaults(func=_demo)
+
+    g = sub.add_parser(
+        "generate",
+        help="generate images with a diffusers model and write heat maps, figures and report.json",
+        description="Generate one prompt over one or more seeds, trace the heat maps, analyse and plot them.",
+        epilog=REPORT_EPILOG,
+        formatter_class=raw,
+    )
+    g.add_argument("--model", required=True, help="local diffusers pipeline folder or hub id (needs network)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None, help="also trace and analyse the negative prompt's words")
+    g.add_argument("--words", nargs="+", default=None, help="words to analyse (default: every prompt word)")
+    g.add_argument("--seeds", default="0", help="seeds: 3, 0-7 or 1,4,9 (default 0)")
+    g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    g.add_argument("--size", default="512x512", help="image WIDTHxHEIGHT, multiples of 8 (default 512x512)")
+    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    g.add_argument("--out", default="daam-out", help="output folder (default daam-out)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    g.add_argument("--no-time-profile", action="store_true", help="skip the per-step maps of the first seed")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.set_defaults(func=_generate)
+
+    a = sub.add_parser(
+        "analyze",
+        help="re-run the analysis and figures on saved maps (*.safetensors)",
+        description="Analyse saved maps: influence, overlap, dominance, figures; several files = a seed sweep.",
+        epilog="examples:\n  daam-fast analyze daam-out/seed0/maps.safetensors --words red circle --out again\n"
+        "  daam-fast analyze daam-out/seed*/maps.safetensors --out sweep\n\n"
+        "The image next to each maps file (image.png) is used for overlays when present, or --image.\n"
+        "Writes overlay_grid.png, overlap.png, dominance.png, overlays/ (with an image), seed_sweep.png\n"
+        "(2+ files) and report.json with the fields of `daam-fast generate --help` (command: analyze).\n"
+        "exit codes: 0 ok, 2 bad arguments or unreadable maps file, 1 runtime failure.",
+        formatter_class=raw,
+    )
+    a.add_argument("maps", nargs="+", help="maps file(s) written by generate, demo or GlobalHeatMap.save")
+    a.add_argument("--words", nargs="+", default=None, help="words to analyse (default: every prompt word)")
+    a.add_argument("--image", default=None, help="image for the overlays (one maps file only)")
+    a.add_argument("--out", default="daam-analysis", help="output folder (default daam-analysis)")
+    a.set_defaults(func=_analyze)
+
+    u = sub.add_parser(
+        "ui",
+        help="a local web page: prompt in, image, clickable word overlays, overlap and dominance out",
+        description="Serve the daam-fast web UI (standard library http.server; no extra packages).",
+        epilog="examples:\n  daam-fast ui --model ./my-sd-folder\n  daam-fast ui --model ./my-sd-folder --port 8080 "
+        "--steps 10 --size 256x256\n\nListens on 127.0.0.1 only unless --host says otherwise. Outputs of each "
+        "request\n(the same files as `daam-fast generate`) go under --workdir (default: a new temp folder).",
+        formatter_class=raw,
+    )
+    u.add_argument("--model", default="", help="default model of the page (folder or hub id)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
+    u.add_argument("--steps", type=int, default=20, help="default steps of the page (default 20)")
+    u.add_argument("--size", default="512x512", help="default WIDTHxHEIGHT of the page (default 512x512)")
+    u.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    u.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    u.add_argument("--workdir", default=None, help="folder for the outputs (default: a new temp folder)")
+    u.set_defaults(func=_ui)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``daam-fast`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``daam-fast`` command; returns the exit code (0 ok, 2 bad arguments, 1 failure)."""
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        logger.debug("daam-fast %s failed", args.command, exc_info=True)
+        print(
+            f"error: {exc}" if isinstance(exc, RuntimeError) else f"error: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        print("(set DAAM_FAST_DEBUG=1 for the traceback)", file=sys.stderr)
+        if os.environ.get("DAAM_FAST_DEBUG"):
+            raise
+        return 1
 
 
 if __name__ == "__main__":

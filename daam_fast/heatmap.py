@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .tokens import PromptTokens
+from .tokens import PromptTokens, WordNotFoundError
 
-__all__ = ["FORMAT_VERSION", "GlobalHeatMap", "HeatMapFileError", "WordHeatMap", "load"]
+__all__ = ["FORMAT_VERSION", "GlobalHeatMap", "HeatMapFileError", "JointGlobalHeatMap", "WordHeatMap", "load"]
 
 #: Version of the saved-file layout; files from a newer version are refused.
 FORMAT_VERSION = 1
@@ -171,10 +171,17 @@ class GlobalHeatMap:
             "positions": json.dumps(self.positions),
             "meta": json.dumps(meta, ensure_ascii=False, default=str),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        os.close(fd)
+        tmp = (path.parent or Path(".")) / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        # safetensors (like mkstemp) writes 0600 files; the final file gets the mode open() would give it,
+        # 0o666 minus the umask, read off the file just created without touching the process-wide umask.
+        mode = tmp.stat().st_mode & 0o777
         try:
-            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, tmp, metadata=header)
+            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
+            os.chmod(tmp, mode)
+            # The data must be on disk before the rename, or a crash could leave an empty file under the final name.
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -215,5 +222,76 @@ class GlobalHeatMap:
 
 
 def load(path: str | os.PathLike) -> GlobalHeatMap:
-    """Load a :class:`GlobalHeatMap` saved with :meth:`GlobalHeatMap.save`."""
-    return GlobalHeatMap.load(path)
+    """Load a :class:`GlobalHeatMap` (or :class:`JointGlobalHeatMap`) saved with :meth:`GlobalHeatMap.save`."""
+    gm = GlobalHeatMap.load(path)
+    if "text_sources" in gm.meta:
+        return JointGlobalHeatMap(gm.tokens, gm.heat_maps, positions=gm.positions, meta=gm.meta)
+    return gm
+
+
+class JointGlobalHeatMap(GlobalHeatMap):
+    """Per-token heat maps of a joint-attention transformer (SD3, Flux), whose text sequence joins the
+    tokens of several tokenizers.
+
+    ``positions`` index the model's text sequence. ``meta["text_sources"]`` lists each tokenizer's part:
+    ``{"name": "clip" | "t5", "offset": first position, "tokens": PromptTokens.to_dict()}`` (SD3: CLIP at 0,
+    T5 at 77; Flux: T5 at 0), and ``meta["default_source"]`` the source words are looked up in by default.
+    ``tokens`` is the first source's :class:`~daam_fast.tokens.PromptTokens`.
+    """
+
+    def __init__(self, tokens: PromptTokens, heat_maps: torch.Tensor, positions=None, meta: dict | None = None):
+        super().__init__(tokens, heat_maps, positions=positions, meta=meta)
+        self.sources = {
+            s["name"]: (PromptTokens.from_dict(s["tokens"]), int(s["offset"])) for s in self.meta["text_sources"]
+        }
+        self.default_source = self.meta.get("default_source", "both")
+
+    def source_tokens(self, source: str) -> tuple[PromptTokens, int]:
+        """``(PromptTokens, offset)`` of one source (``"clip"`` or ``"t5"``)."""
+        if source not in self.sources:
+            raise ValueError(f"no {source!r} text in this model's sequence; sources: {list(self.sources)}")
+        return self.sources[source]
+
+    def compute_word_heat_map(
+        self, word: str, word_idx: int | None = None, occurrence: int | None = None, source: str | None = None
+    ) -> WordHeatMap:
+        """The map of ``word`` from one tokenizer's tokens or from all.
+
+        Args:
+            word, occurrence: as :meth:`GlobalHeatMap.compute_word_heat_map`, looked up with each source's own
+                tokenizer offsets.
+            word_idx: the ``word_idx``-th non-special token of one source (needs a single source).
+            source: ``"clip"``, ``"t5"`` or ``"both"``; default ``meta["default_source"]``, which the tracer
+                sets to ``"both"`` for SD3 with T5 (the model attends to the word through both encoders, and
+                a word past CLIP's 77-token window is still found through T5) and to the only source
+                otherwise. ``"both"`` is the mean of the per-source maps (each the mean of that source's
+                tokens), over the sources that contain the word, so each encoder weighs the same however
+                many tokens it splits the word into.
+        """
+        source = source or self.default_source
+        names = list(self.sources) if source == "both" else [source]
+        if word_idx is not None and len(names) > 1:
+            raise ValueError(f"word_idx picks a token of one tokenizer: pass source= one of {list(self.sources)}")
+        maps, all_positions, errors = [], [], []
+        for name in names:
+            tokens, offset = self.source_tokens(name)
+            if word_idx is not None:
+                content = [i for i, (a, b) in enumerate(tokens.offsets) if b > a]
+                if not 0 <= word_idx < len(content):
+                    raise IndexError(f"word_idx {word_idx} out of range: {name} has {len(content)} prompt tokens")
+                local = [content[word_idx]]
+            else:
+                try:
+                    local = tokens.positions(word, occurrence)
+                except WordNotFoundError as exc:  # a word may be cut from one window but not the other
+                    errors.append(exc)
+                    continue
+            positions = [offset + p for p in local]
+            rows = [self._row.get(p) for p in positions]
+            if any(r is None for r in rows):
+                raise IndexError(f"tokens {positions} of {word!r} were not all traced; traced: {self.positions}")
+            maps.append(self.heat_maps[rows].mean(0))
+            all_positions += positions
+        if not maps:
+            raise errors[0]
+        return WordHeatMap(torch.stack(maps).mean(0), word, word_idx, all_positions)

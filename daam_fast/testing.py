@@ -22,6 +22,9 @@ import torch
 __all__ = [
     "clip_bpe_path",
     "clip_tokenizer",
+    "t5_tokenizer",
+    "tiny_flux_pipeline",
+    "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "write_clip_tokenizer_files",
@@ -202,6 +205,146 @@ def tiny_sdxl_pipeline(seed: int = 0):
         text_encoder_2=_text_encoder(32, True, seed + 3),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------- joint-attention models
+#: Sentences the tiny T5 sentencepiece model is trained on: whole words of the test prompts become pieces.
+_T5_CORPUS = (
+    "a red circle and a blue square.",
+    "a photo of a cat wearing a hat, on a sofa!",
+    "the dog-house is next to the tall tree",
+    "a hippopotamus swimming in a river",
+    "a bird flying over the mountains at sunset",
+    "two cats and one dog in the garden",
+)
+
+
+@functools.cache
+def _t5_vocab(vocab_size: int = 120) -> tuple[tuple[str, float], ...]:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    # T5's id layout: <pad> 0, </s> 1, <unk> 2, no BOS.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_T5_CORPUS * 10),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return tuple((sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size()))
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A tiny T5 tokenizer (transformers' tokenizers-backed ``T5Tokenizer``, so it has offsets): a BPE
+    sentencepiece model trained offline on a few sentences, with T5's special-token layout."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=model_max_length)
+
+
+def _t5_encoder(d_model: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(_t5_vocab()),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _flow_vae(seed: int, latent_channels: int):
+    vae = _vae(seed, latent_channels)
+    # SD3 and Flux shift latents; the tiny VAE has no shift, which the pipelines read as a number.
+    vae.register_to_config(shift_factor=0.0, scaling_factor=1.0)
+    return vae
+
+
+def tiny_sd3_pipeline(seed: int = 0, patch_size: int = 2):
+    """A random-weight SD3-shaped ``StableDiffusion3Pipeline``: CLIP-L + CLIP-G (real CLIP tokenizer, hidden 32
+    each, joined on features: 64) then tiny T5 (d_model 64) along the sequence; a 2-block ``SD3Transformer2DModel``
+    with 2 heads of dim 16 and ``patch_size`` (VAE scale 2, so a 32×48 image gives a 8×12 token grid at patch 2).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=patch_size,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=32,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(seed + 1, 4),
+        text_encoder=_text_encoder(32, True, seed + 2),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_text_encoder(32, True, seed + 3),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=_t5_encoder(64, seed + 4),
+        tokenizer_3=t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A random-weight Flux-shaped ``FluxPipeline``: CLIP (pooled only) and tiny T5 (d_model 32, the text
+    sequence); a ``FluxTransformer2DModel`` with 1 double-stream and 2 single-stream blocks, 2 heads of dim 16,
+    RoPE over (0, row, col) ids. Latents are packed 2×2 per token (VAE scale 2: a 32×48 image gives 8×12 tokens).
+    ``guidance_embeds=True`` is Flux.1-dev's distilled guidance (one transformer call per step)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_flow_vae(seed + 1, 4),
+        text_encoder=_text_encoder(32, False, seed + 2),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5_encoder(32, seed + 3),
+        tokenizer_2=t5_tokenizer(),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -3,7 +3,8 @@
 Memory does not grow with steps: each traced attention call adds into a small fp32 buffer per
 attention resolution (``[rows, tokens, h·w]``), or per layer (``per_layer=True``), or per layer and
 head (``daam_compat=True``). Each pipeline call inside one ``with trace(pipe)`` block is its own
-:class:`Record`; heat maps come from the last one unless another is asked for.
+:class:`Record`; heat maps come from the last one unless another is asked for. Failure modes and what
+is guaranteed after each are listed in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -18,12 +19,23 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import families
 from .heatmap import GlobalHeatMap
 from .kernels import dispatch
 from .processors.unet import UNetCrossAttnCaptureProcessor
+from .snapshots import SNAPSHOT_MODES, SnapshotBudgetError, check_budget, snapshot_step, step_buffers
 from .tokens import tokenize_shared
+from .trace_joint import JointTraceMixin
 
-__all__ = ["DEFAULT_SKIPPED_FACTORS", "LayerInfo", "Record", "Trace", "UnsupportedPipelineError", "trace"]
+__all__ = [
+    "DEFAULT_SKIPPED_FACTORS",
+    "LayerInfo",
+    "Record",
+    "SnapshotBudgetError",
+    "Trace",
+    "UnsupportedPipelineError",
+    "trace",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +45,8 @@ DEFAULT_SKIPPED_FACTORS = frozenset({8})
 SUPPORTED = (
     "UNet pipelines with a diffusers UNet2DConditionModel and a CLIP tokenizer: StableDiffusionPipeline "
     "(SD 1.x / 2.x, v-prediction included), StableDiffusionXLPipeline, and their img2img / inpaint / "
-    "ControlNet variants"
+    "ControlNet variants; joint-attention transformers: StableDiffusion3Pipeline (SD3 / SD3.5, "
+    "SD3Transformer2DModel) and FluxPipeline (FluxTransformer2DModel; distilled guidance and true CFG)"
 )
 
 _ACTIVE: weakref.WeakSet = weakref.WeakSet()
@@ -82,6 +95,18 @@ class Record:
     interrupted: bool = False
     slots: dict = field(default_factory=dict, repr=False)
     grids: dict = field(default_factory=dict, repr=False)
+    #: ``snapshots="step"`` only: ``{step: {slot key: copy of the buffer after that step}}``.
+    snapshots: dict = field(default_factory=dict, repr=False)
+    # Joint-attention transformers (see trace_joint): latent_hw is then the image-token grid.
+    text_len: int | None = None
+    pixels: int = 1
+    buf_rows: int = 0
+    true_cfg: bool = False
+    last_timestep: torch.Tensor | None = field(default=None, repr=False)
+    call_src: slice | None = None
+    call_dst: slice | None = None
+    t5_prompts: list[str | None] | None = None
+    t5_negative_prompts: list[str | None] | None = None
 
     @property
     def complete(self) -> bool:
@@ -101,6 +126,13 @@ def _grid(n_queries: int, latent_hw: tuple[int, int]) -> tuple[int, int, int]:
     return h, w, factor
 
 
+def _prompt_list(value, like) -> list[str | None] | None:
+    """A pipeline's prompt argument as one entry per prompt of ``like`` (None: not given)."""
+    if value is None or like is None:
+        return None
+    return [value] * len(like) if isinstance(value, str) else list(value)
+
+
 def _locate_unet_layers(unet, mid_block: bool) -> list[tuple[str, str, object]]:
     found = []
     blocks = [("up", i, b) for i, b in enumerate(unet.up_blocks)] + [
@@ -117,13 +149,17 @@ def _locate_unet_layers(unet, mid_block: bool) -> list[tuple[str, str, object]]:
     return found
 
 
-class Trace:
+class Trace(JointTraceMixin):
     """Context manager that traces a diffusers pipeline (use :func:`trace`).
+
+    Joint-attention transformers (SD3, Flux): the layers are the transformer blocks' joint attentions (Flux:
+    double-stream then single-stream blocks), all traced by default; maps are on the image-token grid (latent
+    size / patch size; Flux packs 2×2 latents per token); ``factors`` and ``mid_block`` do not apply.
 
     Args:
         pipe: a supported pipeline (see ``SUPPORTED``).
-        layers: ``None`` for daam's default (cross-attention of down and up blocks), or indices /
-            names of :attr:`layers` to trace.
+        layers: ``None`` for daam's default (cross-attention of down and up blocks; all blocks of a
+            transformer), or indices / names of :attr:`layers` to trace.
         mid_block: also trace the mid block's cross-attention.
         factors: grid down-sampling factors (relative to the latent) to trace; default all but 8.
         steps: denoising-step indices (0-based UNet calls of each pipeline call) to trace; default all.
@@ -132,6 +168,22 @@ class Trace:
         per_layer: keep one buffer per layer (needed for ``layer_idx`` selection).
         daam_compat: keep one buffer per (layer, head) and aggregate exactly as daam 0.2.0 does.
         backend: force a capture backend (``torch``, ``triton``, ``cuda``); default automatic.
+        keep_records: keep only the last ``keep_records`` :class:`Record` s (default ``None``: all). Each record
+            holds its heat buffers, so a long-lived tracer over many pipeline calls should bound this.
+        snapshots: ``"step"`` also keeps a copy of the buffers after every traced step, so
+            :meth:`compute_step_heat_maps` can give each step's own maps (memory grows with steps).
+        max_snapshot_bytes: refuse snapshots needing more bytes per pipeline call: checked at the call's first
+            UNet call, before anything is captured, by raising :class:`SnapshotBudgetError` (the ``with`` block
+            then restores the pipeline as after any exception).
+
+    Records: every pipeline call inside the block appends a new :class:`Record` to :attr:`records` (its own
+    buffers; nothing accumulates across calls); :meth:`compute_global_heat_map` reads the last one unless
+    ``record=`` says otherwise. A Trace object may be entered again after it exited: it patches the pipeline
+    anew and keeps appending to the same :attr:`records`. Entering it (or any Trace of the same pipeline) while
+    it is active raises ``RuntimeError``.
+
+    Bad ``tokens`` fail at construction when beyond the tokenizer's ``model_max_length``, else at the first
+    UNet call once the text length is known (before any capture).
     """
 
     def __init__(
@@ -147,20 +199,27 @@ class Trace:
         per_layer: bool = False,
         daam_compat: bool = False,
         backend: str | None = None,
+        keep_records: int | None = None,
+        snapshots: str | None = None,
+        max_snapshot_bytes: int | None = None,
     ):
+        self.family = families.detect(pipe)
         unet = getattr(pipe, "unet", None)
-        if unet is None or not hasattr(unet, "up_blocks"):
-            raise UnsupportedPipelineError(f"cannot trace {type(pipe).__name__}: supported are {SUPPORTED}")
+        if self.family is None and (unet is None or not hasattr(unet, "up_blocks")):
+            model = getattr(pipe, "transformer", None)
+            what = f" (its transformer is a {type(model).__name__})" if model is not None else ""
+            raise UnsupportedPipelineError(f"cannot trace {type(pipe).__name__}{what}: supported are {SUPPORTED}")
         self.pipe = pipe
-        self.unet = unet
+        self.unet = None if self.family is not None else unet
+        self.model = pipe.transformer if self.family is not None else unet
         # SDXL's two CLIP tokenizers share positions; tokenize_shared checks that they agree.
         self.tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
         if not self.tokenizers:
             raise UnsupportedPipelineError(f"{type(pipe).__name__} has no tokenizer; supported are {SUPPORTED}")
-        located = _locate_unet_layers(unet, mid_block)
+        located = self.family.locate(self.model) if self.family else _locate_unet_layers(unet, mid_block)
         if not located:
             raise UnsupportedPipelineError(
-                f"{type(pipe).__name__}'s {type(unet).__name__} has no cross-attention modules; "
+                f"{type(pipe).__name__}'s {type(self.model).__name__} has no cross-attention modules; "
                 f"supported are {SUPPORTED}"
             )
         self.layers = [LayerInfo(i, name, kind, mod.heads) for i, (name, kind, mod) in enumerate(located)]
@@ -171,6 +230,23 @@ class Trace:
         self.tokens = None if tokens is None else [int(t) for t in tokens]
         if self.tokens is not None and (not self.tokens or min(self.tokens) < 0):
             raise ValueError(f"tokens must be non-empty key positions >= 0, got {tokens!r}")
+        # transformers gives an unknown limit as a huge sentinel; only a real text window length counts here.
+        # Joint transformers' text spans several tokenizers: checked at their first call instead.
+        window = getattr(self.tokenizers[0], "model_max_length", None) if self.family is None else None
+        if self.tokens is not None and isinstance(window, int) and window < 1_000_000 and max(self.tokens) >= window:
+            raise ValueError(
+                f"tokens {[t for t in self.tokens if t >= window]} out of range: the tokenizer's text window has "
+                f"{window} positions (valid 0..{window - 1})"
+            )
+        if keep_records is not None and (isinstance(keep_records, bool) or int(keep_records) < 1):
+            raise ValueError(f"keep_records must be None (keep all) or >= 1, got {keep_records!r}")
+        self.keep_records = keep_records
+        if snapshots is not None and snapshots not in SNAPSHOT_MODES:
+            raise ValueError(f"unknown snapshots mode {snapshots!r}; valid: None or {sorted(SNAPSHOT_MODES)}")
+        if max_snapshot_bytes is not None and snapshots is None:
+            raise ValueError("max_snapshot_bytes limits snapshots: pass snapshots='step' too")
+        self.snapshots = snapshots
+        self.max_snapshot_bytes = max_snapshot_bytes
         self.negative = negative
         self.daam_compat = daam_compat
         self.per_layer = per_layer or daam_compat
@@ -181,6 +257,7 @@ class Trace:
         self._originals: list = []
         self._hooks: list = []
         self._saved_check_inputs = None
+        self._index_cache: dict = {}
         self._active = False
 
     # -- selection -------------------------------------------------------------------------------
@@ -205,17 +282,22 @@ class Trace:
     # -- context ---------------------------------------------------------------------------------
     def __enter__(self) -> Trace:
         with _ACTIVE_LOCK:
-            if self.unet in _ACTIVE:
+            if self.model in _ACTIVE:
                 raise RuntimeError(
                     f"{type(self.pipe).__name__} is already being traced; nest no traces on one pipeline"
                 )
-            _ACTIVE.add(self.unet)
+            _ACTIVE.add(self.model)
         try:
             for idx, mod in enumerate(self._modules):
                 self._originals.append(mod.processor)
                 if idx in self._enabled:
-                    mod.set_processor(UNetCrossAttnCaptureProcessor(mod.processor, self, idx))
-            self._hooks.append(self.unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True))
+                    mod.set_processor(
+                        self.family.processor(mod.processor, self, idx)
+                        if self.family
+                        else UNetCrossAttnCaptureProcessor(mod.processor, self, idx)
+                    )
+            on_call = self._on_transformer_call if self.family else self._on_unet_call
+            self._hooks.append(self.model.register_forward_pre_hook(on_call, with_kwargs=True))
             self._wrap_check_inputs()
             self._active = True
         except BaseException:
@@ -243,7 +325,7 @@ class Trace:
                 self.pipe.__dict__.pop("check_inputs", None)
             self._saved_check_inputs = None
         with _ACTIVE_LOCK:
-            _ACTIVE.discard(self.unet)
+            _ACTIVE.discard(self.model)
         self._active = False
 
     def _wrap_check_inputs(self) -> None:
@@ -261,6 +343,10 @@ class Trace:
             except TypeError:
                 bound = {}
             self._begin_record(bound.get("prompt"), bound.get("negative_prompt"))
+            if self.family is not None:  # SD3's prompt_3 / Flux's prompt_2 feed T5
+                rec = self.records[-1]
+                rec.t5_prompts = _prompt_list(bound.get(self.family.t5_prompt_arg), rec.prompts)
+                rec.t5_negative_prompts = _prompt_list(bound.get(self.family.t5_negative_arg), rec.prompts)
             return original(*args, **kwargs)
 
         self.pipe.__dict__["check_inputs"] = check_inputs
@@ -272,7 +358,12 @@ class Trace:
             negatives = None if prompts is None else [negative_prompt or ""] * len(prompts)
         else:
             negatives = list(negative_prompt)
-        self.records.append(Record(prompts=prompts, negative_prompts=negatives))
+        self._append(Record(prompts=prompts, negative_prompts=negatives))
+
+    def _append(self, rec: Record) -> None:
+        self.records.append(rec)
+        if self.keep_records is not None and len(self.records) > self.keep_records:
+            del self.records[: len(self.records) - self.keep_records]
 
     def _on_unet_call(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -282,13 +373,29 @@ class Trace:
             last.batch_size is not None
             and (last.latent_hw, last.batch_size) != (tuple(sample.shape[-2:]), sample.shape[0])
         ):
-            self.records.append(Record())
+            self._append(Record())
         rec = self.records[-1]
         if rec.batch_size is None:
             self._start_geometry(rec, sample)
+            text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            self._check_first_call(rec, None if text is None else int(text.shape[1]))
+        elif self.snapshots and (self.steps is None or rec.steps_seen - 1 in self.steps):
+            snapshot_step(self, rec, rec.steps_seen - 1)  # the previous step is complete: its buffers are final
         rec.steps_seen += 1
         if self.steps is None or rec.steps_seen - 1 in self.steps:
             rec.steps_traced += 1
+
+    def _check_first_call(self, rec: Record, n_text: int | None) -> None:
+        # Raised from the UNet pre-hook, before any capture: the exception leaves the pipeline call and the
+        # `with` block, whose exit restores the pipeline.
+        if n_text is None:
+            return
+        if self.tokens is not None and max(self.tokens) >= n_text:
+            raise ValueError(
+                f"tokens {[t for t in self.tokens if t >= n_text]} out of range: the text has {n_text} positions "
+                f"(valid 0..{n_text - 1})"
+            )
+        check_budget(self, rec, n_text)
 
     def _start_geometry(self, rec: Record, sample: torch.Tensor) -> None:
         rec.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
@@ -321,16 +428,25 @@ class Trace:
         if lse is not None:
             k_sel, b_sel = kr, br
             if self.tokens is not None:
-                idx = torch.tensor(self.tokens, device=k.device)
+                idx = self._token_index(k.shape[2], k.device)
                 k_sel = kr.index_select(2, idx)
                 if br is not None and br.shape[-1] != 1:
                     b_sel = br.index_select(-1, idx)
             dispatch.capture_from_lse(qr, k_sel, lse[rows], scale, out, bias=b_sel, backend=self.backend)
         else:
-            idx = torch.tensor(self.tokens if self.tokens is not None else range(k.shape[2]), device=k.device)
+            idx = self._token_index(k.shape[2], k.device)
             dispatch.capture_self_normalising(qr, kr, idx, scale, out, bias=br, backend=self.backend)
         if layer_idx not in slot.layer_heads:
             slot.layer_heads[layer_idx] = q.shape[1]
+
+    def _token_index(self, n_keys: int, device: torch.device) -> torch.Tensor:
+        """The captured key positions as an int64 tensor on ``device`` (cached: this runs every call)."""
+        key = (n_keys, device)
+        idx = self._index_cache.get(key)
+        if idx is None:
+            positions = self.tokens if self.tokens is not None else range(n_keys)
+            idx = self._index_cache[key] = torch.tensor(list(positions), dtype=torch.long, device=device)
+        return idx
 
     def _slot(self, rec: Record, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> _Slot | None:
         B, H, L, _ = q.shape
@@ -365,6 +481,7 @@ class Trace:
         image_idx: int | None = None,
         negative: bool = False,
         record: int = -1,
+        step: int | None = None,
     ) -> GlobalHeatMap:
         """Aggregate the traced maps of one pipeline call into a :class:`GlobalHeatMap`.
 
@@ -382,21 +499,35 @@ class Trace:
             image_idx: which image of the call (default: the mean over all images, which must share a prompt).
             negative: the negative prompt's maps (needs ``trace(..., negative=True)`` and CFG).
             record: which pipeline call (default the last).
+            step: one traced step's own maps (needs ``trace(..., snapshots="step")``); default all steps.
 
         Returns:
-            :class:`GlobalHeatMap` whose ``heat_maps`` are fp32 ``[n_tokens, H_latent, W_latent]``.
+            :class:`GlobalHeatMap` whose ``heat_maps`` are fp32 ``[n_tokens, H_latent, W_latent]``. Its
+            ``meta["complete"]`` is False when the call was interrupted, and ``meta["nonfinite"]`` is True (with a
+            logged warning) when the maps hold NaN or inf, i.e. the model's attention inputs were non-finite.
+            For SD3 and Flux a :class:`~daam_fast.heatmap.JointGlobalHeatMap`:
+            ``[n_text_positions, grid_h, grid_w]`` on the image-token grid, rows indexed by text-sequence
+            position (SD3: CLIP 0..76, then T5), words looked up through CLIP, T5 or both
+            (``compute_word_heat_map(word, source=...)``).
         """
         rec = self._record(record)
-        maps = self._aggregate(rec, factors, head_idx, layer_idx)  # [R, T, H, W]
+        bufs = None
+        if step is not None:
+            traced = self._traced_steps(rec)
+            if step not in traced:
+                raise ValueError(f"step {step} has no maps of its own; steps with maps: {traced}")
+            bufs = step_buffers(rec, step, traced[-1])
+        maps = self._aggregate(rec, factors, head_idx, layer_idx, bufs)  # [R, T, H, W]
         n = rec.n_images
         if negative:
             if not rec.has_negative:
                 raise ValueError(
-                    "no negative-prompt maps: trace with trace(pipe, negative=True) and guidance_scale > 1"
+                    "no negative-prompt maps: trace with trace(pipe, negative=True) and guidance_scale > 1 "
+                    "(Flux: true_cfg_scale > 1 and a negative_prompt)"
                 )
-            maps, texts = maps[:n], rec.negative_prompts
+            maps, texts, t5_texts = maps[:n], rec.negative_prompts, rec.t5_negative_prompts
         else:
-            maps, texts = maps[maps.shape[0] - n :], rec.prompts
+            maps, texts, t5_texts = maps[maps.shape[0] - n :], rec.prompts, rec.t5_prompts
         per_prompt = max(1, n // len(texts)) if texts else n  # num_images_per_prompt
         if image_idx is not None:
             if not -n <= image_idx < n:
@@ -404,15 +535,22 @@ class Trace:
             image_idx %= n
             maps = maps[image_idx]
             text = texts[image_idx // per_prompt] if texts else None
+            t5_text = t5_texts[image_idx // per_prompt] if t5_texts else None
         else:
-            distinct = set(texts) if texts else {None}
+            distinct = set(zip(texts, t5_texts or [None] * len(texts), strict=True)) if texts else {(None, None)}
             if len(distinct) > 1:
                 raise ValueError(f"the {n} images have different prompts {texts}: pass image_idx in 0..{n - 1}")
             maps = maps.mean(0)
-            text = next(iter(distinct))
-        text = prompt if prompt is not None else text
+            text, t5_text = next(iter(distinct))
+        text, t5_text = (prompt, None) if prompt is not None else (text, t5_text)
         if text is None:
             raise ValueError("the traced call's prompt is unknown (prompt_embeds?): pass prompt=... to name its words")
+        if self.family is not None:
+            hm = self._joint_heat_map(rec, maps, text, t5_text, normalize, negative)
+            hm.meta["nonfinite"] = self._flag_nonfinite(hm.heat_maps, text)
+            if step is not None:
+                hm.meta.update(steps=1, step=step)
+            return hm
         tokens = tokenize_shared(self.tokenizers, text)
         positions = list(range(maps.shape[0])) if self.tokens is None else list(self.tokens)
         keep = [i for i, p in enumerate(positions) if p < tokens.n_tokens()]
@@ -421,16 +559,48 @@ class Trace:
         if normalize:
             inner = [i for i, p in enumerate(positions) if 0 < p < tokens.n_tokens() - 1]
             maps = maps / (maps[inner].sum(0, keepdim=True) + 1e-6)
+        nonfinite = self._flag_nonfinite(maps, text)
         meta = {
             "model": type(self.pipe).__name__,
-            "model_name": str(getattr(self.unet.config, "_name_or_path", "")),
-            "steps": rec.steps_traced,
+            "model_name": str(getattr(self.model.config, "_name_or_path", "")),
+            "steps": rec.steps_traced if step is None else 1,
             "latent_size": list(rec.latent_hw),
             "image_size": [s * int(getattr(self.pipe, "vae_scale_factor", 1)) for s in rec.latent_hw],
             "negative": negative,
             "complete": rec.complete,
+            "nonfinite": nonfinite,
         }
+        if step is not None:
+            meta["step"] = step
         return GlobalHeatMap(tokens, maps, positions=positions, meta=meta)
+
+    def compute_step_heat_maps(self, record: int = -1, **kwargs) -> dict[int, GlobalHeatMap]:
+        """Per-step maps of one pipeline call (needs ``trace(..., snapshots="step")``).
+
+        Returns ``{step index: GlobalHeatMap}`` for every traced step, each ``heat_maps`` fp32
+        ``[n_tokens, H_latent, W_latent]`` holding only what that step added; without
+        ``normalize`` their sum is the :meth:`compute_global_heat_map` map (to fp32 rounding), which sums over
+        steps. ``kwargs`` are those of :meth:`compute_global_heat_map`.
+        """
+        if self.snapshots != "step":
+            raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")
+        rec = self._record(record)
+        return {s: self.compute_global_heat_map(record=record, step=s, **kwargs) for s in self._traced_steps(rec)}
+
+    def _traced_steps(self, rec: Record) -> list[int]:
+        if self.snapshots != "step":
+            raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")
+        return [s for s in range(rec.steps_seen) if self.steps is None or s in self.steps]
+
+    @staticmethod
+    def _flag_nonfinite(maps: torch.Tensor, text: str) -> bool:
+        # NaN/inf in any attention input poison the running sums for good; one pass over the result finds it.
+        nonfinite = not bool(torch.isfinite(maps).all())
+        if nonfinite:
+            logger.warning(
+                "heat maps of %r hold NaN/inf: the model's attention inputs were not finite (meta['nonfinite'])", text
+            )
+        return nonfinite
 
     def _record(self, record: int) -> Record:
         if not self.records:
@@ -439,11 +609,12 @@ class Trace:
             rec = self.records[record]
         except IndexError:
             raise IndexError(f"record {record} out of range: {len(self.records)} pipeline call(s) traced") from None
-        if not rec.slots:
+        # A slot whose first capture raised holds no finished call (no heads counted): it does not count.
+        if not any(slot.layer_heads for slot in rec.slots.values()):
             raise RuntimeError("this pipeline call traced no attention step (no denoising step ran, or none selected)")
         return rec
 
-    def _aggregate(self, rec: Record, factors, head_idx, layer_idx) -> torch.Tensor:
+    def _aggregate(self, rec: Record, factors, head_idx, layer_idx, bufs: dict | None = None) -> torch.Tensor:
         if head_idx is not None and not self.daam_compat:
             raise ValueError("head_idx needs per-head buffers: trace with trace(pipe, daam_compat=True)")
         if layer_idx is not None and not self.per_layer:
@@ -456,10 +627,10 @@ class Trace:
         for key, slot in rec.slots.items():
             if wanted is not None and slot.factor not in wanted:
                 continue
-            if layer_idx is not None and key != layer_idx:
+            if (layer_idx is not None and key != layer_idx) or not slot.layer_heads:
                 continue
             h, w = slot.grid
-            buf = slot.buf
+            buf = slot.buf if bufs is None else bufs[key]
             if self.daam_compat:
                 heads = range(buf.shape[1]) if head_idx is None else [head_idx]
                 if head_idx is not None and not 0 <= head_idx < buf.shape[1]:

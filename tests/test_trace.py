@@ -192,8 +192,8 @@ def test_no_maps_before_a_step(sd_pipe):
         tc.compute_global_heat_map()
 
 
-def test_v_prediction_and_img2img(sd_pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline
+def test_v_prediction_img2img_and_inpaint(sd_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
     from daam_fast.testing import tiny_sd_pipeline
 
@@ -209,3 +209,20 @@ def test_v_prediction_and_img2img(sd_pipe):
         rec = tc.records[-1]
         assert rec.latent_hw == (32, 24) and rec.steps_seen == 2 and rec.complete
         assert tc.compute_global_heat_map().compute_word_heat_map("square").heatmap.shape == (32, 24)
+    inpaint = StableDiffusionInpaintPipeline(**sd_pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    mask = torch.zeros(1, 1, 48, 64)
+    mask[..., 10:30, 20:50] = 1
+    with trace(inpaint) as tc:
+        inpaint(
+            prompt=PROMPT,
+            image=torch.rand(1, 3, 48, 64),
+            mask_image=mask,
+            height=48,
+            width=64,
+            num_inference_steps=2,
+            generator=_gen(),
+            output_type="np",
+        )
+        assert tc.records[-1].latent_hw == (24, 32)
+        assert tc.compute_global_heat_map().compute_word_heat_map("circle").heatmap.shape == (24, 32)

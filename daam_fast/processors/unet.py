@@ -1,10 +1,17 @@
 """Capture processor for UNet cross-attention (``attn2``): SD 1.x/2.x, SDXL and pipelines built on them.
 
-The processor computes exactly what diffusers' ``AttnProcessor2_0`` computes, through the SDPA kernel
-that SDPA itself would pick (so the output is bit-identical), keeps that kernel's log-sum-exp, and
-hands ``q``, ``k`` and ``lse`` to the capture sink. Any other wrapped processor (LoRA-free custom
-ones, IP-Adapter, ...) still produces the output itself; the capture then recomputes ``q``/``k`` and
-normalises on its own, so the image is unchanged in every case.
+The processor that was installed decides the attention kernel. For diffusers' ``AttnProcessor2_0``
+(and ``FusedAttnProcessor2_0``, installed by ``pipe.fuse_qkv_projections()``) the capture processor
+computes exactly what it computes, through the SDPA kernel that SDPA itself
+would pick (so the output is bit-identical); for ``XFormersAttnProcessor`` (what
+``pipe.enable_xformers_memory_efficient_attention()`` installs) it makes the same xformers call, in
+the lse-returning form. Either way it keeps that kernel's log-sum-exp and hands ``q``, ``k`` and
+``lse`` to the capture sink. Any other wrapped processor (custom ones, IP-Adapter, ...) still
+produces the output itself; the capture then recomputes ``q``/``k`` and normalises on its own, so
+the image is unchanged in every case.
+
+Under ``torch.compile`` the sink is reached through the opaque ``daam_fast::sink_attention`` op
+(:func:`daam_fast.kernels.ops.emit_attention`), so the attention code traces without graph breaks.
 """
 
 from __future__ import annotations
@@ -12,9 +19,16 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor2_0,
+    FusedAttnProcessor2_0,
+    XFormersAttnProcessor,
+)
 
+from ..kernels.ops import emit_attention, register_sink
 from .attention import attention_with_lse, mask_to_bias
+from .lse_sources import xformers_with_lse
 
 __all__ = ["CaptureSink", "UNetCrossAttnCaptureProcessor"]
 
@@ -55,8 +69,20 @@ class UNetCrossAttnCaptureProcessor:
         self.original = original
         self.sink = sink
         self.layer_idx = layer_idx
-        # Only the stock SDPA processor is reproduced in place; anything else keeps computing the output.
-        self.reproduces_original = type(original) is AttnProcessor2_0
+        # Only these stock processors are reproduced in place (exact class: subclasses may change the
+        # computation); anything else keeps computing the output itself.
+        self.kind = {
+            AttnProcessor2_0: "sdpa",
+            FusedAttnProcessor2_0: "sdpa_fused",
+            XFormersAttnProcessor: "xformers",
+        }.get(type(original))
+        self.reproduces_original = self.kind is not None
+        # For the compiled path: the sink as an int, and a call counter the op mutates (keeps it alive).
+        self._sink_id = register_sink(sink)
+        self._calls = torch.zeros((), dtype=torch.int64)
+
+    def _emit(self, q, k, lse, bias, scale) -> None:
+        emit_attention(self.sink, self._sink_id, self._calls, self.layer_idx, q, k, lse, bias, scale)
 
     def __call__(
         self,
@@ -70,6 +96,8 @@ class UNetCrossAttnCaptureProcessor:
     ) -> torch.Tensor:
         if not self.reproduces_original:
             return self._wrapped_call(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if self.kind == "xformers":
+            return self._xformers_call(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
         # The lines below follow diffusers' AttnProcessor2_0.__call__ step by step, so the output is the same.
         residual = hidden_states
@@ -86,13 +114,16 @@ class UNetCrossAttnCaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if self.kind == "sdpa_fused":  # FusedAttnProcessor2_0 (pipe.fuse_qkv_projections()): fused linears
+            query, key, value = self._fused_projections(attn, hidden_states, encoder_hidden_states)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -104,9 +135,7 @@ class UNetCrossAttnCaptureProcessor:
             key = attn.norm_k(key)
 
         hidden_states, lse = attention_with_lse(query, key, value, attn_mask=attention_mask)
-        self.sink.on_attention(
-            self.layer_idx, query, key, lse, mask_to_bias(attention_mask, torch.float32), head_dim**-0.5
-        )
+        self._emit(query, key, lse, mask_to_bias(attention_mask, torch.float32), head_dim**-0.5)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -118,6 +147,19 @@ class UNetCrossAttnCaptureProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    @staticmethod
+    def _fused_projections(attn, hidden_states, encoder_hidden_states):
+        # As FusedAttnProcessor2_0.__call__ computes them (same linears, same split).
+        if encoder_hidden_states is None:
+            qkv = attn.to_qkv(hidden_states)
+            return torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        kv = attn.to_kv(encoder_hidden_states)
+        key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        return query, key, value
 
     def _wrapped_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs):
         out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -142,5 +184,54 @@ class UNetCrossAttnCaptureProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            self.sink.on_attention(self.layer_idx, query, key, None, mask_to_bias(mask, torch.float32), head_dim**-0.5)
+            self._emit(query, key, None, mask_to_bias(mask, torch.float32), head_dim**-0.5)
         return out
+
+    def _xformers_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        # diffusers' XFormersAttnProcessor.__call__ step by step, with the lse-returning xformers call.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, key_tokens, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
+        if attention_mask is not None:
+            # [B·H, 1, S] -> [B·H, L, S]: xformers does not broadcast the query dim of a tensor bias.
+            attention_mask = attention_mask.expand(-1, hidden_states.shape[1], -1)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(query).contiguous()  # [B·H, L, D], heads of one image adjacent
+        key = attn.head_to_batch_dim(key).contiguous()
+        value = attn.head_to_batch_dim(value).contiguous()
+
+        hidden_states, lse = xformers_with_lse(
+            query, key, value, attn_bias=attention_mask, op=self.original.attention_op, scale=attn.scale
+        )
+        B, H = batch_size, attn.heads
+        bias = None if attention_mask is None else mask_to_bias(attention_mask, torch.float32).unflatten(0, (B, H))
+        self._emit(query.unflatten(0, (B, H)), key.unflatten(0, (B, H)), lse.reshape(B, H, -1), bias, float(attn.scale))
+
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states

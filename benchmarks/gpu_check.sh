@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One command for a GPU machine (< 8 min on one H100/H200): the GPU test modules, then SDXL at 1024²
+# fp16 (20 steps) vanilla vs traced vs DAAM-style, then Flux.1 at 1024² bf16 when it fits.
+# Writes gpu_check.json and gpu_check.md (plus the test log) into $OUT (default ./gpu-check-out).
+# Without a CUDA GPU it says so and exits 0.
+#   benchmarks/gpu_check.sh            # or: OUT=/some/dir PYTHON=.venv/bin/python benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu-check-out}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False on this machine); nothing was run."
+  exit 0
+fi
+mkdir -p "$OUT"
+"$PYTHON" -c "import torch; print('GPU:', torch.cuda.get_device_name(0), '| torch', torch.__version__)"
+
+# 1. GPU test modules (they skip themselves without a GPU). Capped so the benchmarks keep their time.
+timeout 150 "$PYTHON" -m pytest -m gpu tests/ -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+echo "GPU tests: exit status $tests_rc (124 = stopped at the 150 s cap)"
+
+# 2. Full-size pipelines; the script itself skips Flux when its time estimate does not fit.
+timeout 300 "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --tests-rc "$tests_rc"
+bench_rc=$?
+echo "results: $OUT/gpu_check.md, $OUT/gpu_check.json"
+if [ "$tests_rc" -ne 0 ]; then exit "$tests_rc"; fi
+exit "$bench_rc"

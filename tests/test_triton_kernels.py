@@ -1,0 +1,121 @@
+"""The Triton backend: its kernels in Triton's CPU interpreter (in a subprocess), and how it behaves
+without triton or without a GPU.
+
+Why a subprocess: Triton decides when a ``@triton.jit`` kernel is defined (when
+``daam_fast.kernels.triton_capture`` is imported, which ``daam_fast.kernels`` does) whether it is compiled
+or interpreted, from ``TRITON_INTERPRET``. Inside this pytest process the variable would come too late
+(another test may already have imported the package), and setting it early would silently turn every
+other test's Triton use into interpretation. So the interpreter tests live in ``tests/triton_interp/``
+under names pytest does not collect (``interp_*.py``; they refuse to import without the variable), and
+one test here runs them all in a fresh Python with ``TRITON_INTERPRET=1``, then reads its JUnit report:
+every test must have run and passed, none skipped. Failures show the subprocess's report.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from daam_fast.kernels import BackendUnavailable, dispatch, select_backend
+
+REPO = Path(__file__).resolve().parents[1]
+INTERP_DIR = Path(__file__).resolve().parent / "triton_interp"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# A floor on the collected count, so that a collection mistake (a module not found, a parametrisation
+# lost) fails instead of passing with fewer tests.
+MIN_INTERP_TESTS = 80
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", dispatch.ENV_VAR)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(OMP_NUM_THREADS="1", DAAM_FAST_TEST_THREADS="1", **extra)
+    return env
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'daam_fast[triton]')")
+def test_triton_kernels_in_interpreter(tmp_path):
+    junit = tmp_path / "interp.xml"
+    files = sorted(str(p.relative_to(REPO)) for p in INTERP_DIR.glob("interp_*.py"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rfEs"]
+    cmd += [f"--junitxml={junit}", *files]
+    env = _subprocess_env(TRITON_INTERPRET="1")
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    report = (proc.stdout + proc.stderr)[-12000:]
+    assert junit.exists(), f"the interpreter run wrote no report (exit {proc.returncode}):\n{report}"
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    assert proc.returncode == 0 and counts["failures"] == counts["errors"] == 0, f"{counts}\n{report}"
+    assert counts["skipped"] == 0, f"interpreter tests must not skip: {counts}\n{report}"
+    assert counts["tests"] >= MIN_INTERP_TESTS, f"only {counts['tests']} interpreter tests ran\n{report}"
+
+
+def test_without_triton_package_imports_and_forced_triton_explains():
+    # `import triton` fails (None in sys.modules makes it raise ModuleNotFoundError): the package must
+    # import, the automatic pick must fall back to torch, and forcing triton must say why it cannot.
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch
+import daam_fast
+from daam_fast.kernels import BackendUnavailable, capture_from_lse, select_backend, triton_capture, triton_fused
+assert triton_capture.TRITON_IMPORT_ERROR.startswith("triton cannot be imported (ModuleNotFoundError")
+q, k, lse = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 3, 16), torch.zeros(1, 2, 5)
+assert select_backend(q, torch.zeros(1, 3, 5)).name == "torch"
+try:
+    capture_from_lse(q, k, lse, 0.25, torch.zeros(1, 3, 5), backend="triton")
+except BackendUnavailable as exc:
+    assert "triton cannot be imported" in str(exc), exc
+else:
+    raise AssertionError("forcing triton without triton did not raise")
+try:
+    triton_fused.fused_attention_capture(q, k, k, torch.tensor([0]), None, torch.zeros(1, 1, 5))
+except RuntimeError as exc:
+    assert "triton cannot be imported" in str(exc), exc
+else:
+    raise AssertionError("the fused kernel ran without triton")
+print("ok")
+"""
+    cmd = [sys.executable, "-c", code]
+    proc = subprocess.run(
+        cmd, check=False, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_triton_backend_refuses_cpu_tensors_when_compiling():
+    from daam_fast.kernels import triton_capture
+
+    if triton_capture.INTERPRET:
+        pytest.skip("this process runs with TRITON_INTERPRET=1, where the triton backend does take CPU tensors")
+    q, k = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 3, 16)
+    out = torch.zeros(1, 3, 5)
+    assert select_backend(q, out).name == "torch"
+    reason = triton_capture.TRITON_IMPORT_ERROR or "device cpu not in ('cuda',)"
+    with pytest.raises(BackendUnavailable, match="forced") as exc:
+        dispatch.capture_from_lse(q, k, torch.zeros(1, 2, 5), 0.25, out, backend="triton")
+    assert reason in str(exc.value)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'daam_fast[triton]')")
+@pytest.mark.parametrize("D", [40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("L,T,S", [(4096, 77, 77), (1024, 77, 77), (37, 1, 300), (4096, 512, 512)])
+def test_gpu_block_table(monkeypatch, D, L, T, S):
+    # The GPU branch of block_sizes, without a GPU: the tiles must be legal for tl.dot (powers of two,
+    # >= 16), cover the head dim, and fill an H100-sized grid where the shape allows it.
+    from daam_fast.kernels import triton_capture
+
+    monkeypatch.setattr(triton_capture, "INTERPRET", False)
+    monkeypatch.setattr(triton_capture, "_sm_count", lambda index: 132)
+    bl = triton_capture.block_sizes(D, T, S, L, 2, torch.device("cuda", 0))
+    for size in (bl.queries, bl.tokens, bl.dim, bl.keys):
+        assert size >= 16 and size & (size - 1) == 0, bl
+    assert bl.dim >= D and bl.dim < 2 * max(D, 16) and bl.tokens <= 128 and bl.num_warps in (4, 8)
+    programs = 2 * -(-L // bl.queries) * -(-T // bl.tokens)
+    assert programs >= 132 or bl.queries == 16, (bl, programs)

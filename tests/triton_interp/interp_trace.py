@@ -1,0 +1,60 @@
+"""A traced tiny SD pipeline with ``DAAM_FAST_BACKEND=triton`` (interpreted) gives the torch backend's maps.
+
+Run only through tests/test_triton_kernels.py (needs TRITON_INTERPRET=1 before triton is imported).
+"""
+
+import pytest
+import torch
+from triton_interp_helpers import DTYPES
+
+from daam_fast import trace
+from daam_fast.kernels import dispatch, triton_capture, triton_fused
+
+# The pipeline runs in fp32; both backends compute in fp32, so the maps agree to fp32 relative error.
+# Maps are means of probabilities (peak ~0.02 here): the absolute floor is relative to the peak.
+_, _, RTOL = DTYPES[0]
+ATOL_OF_PEAK = 1e-6
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts Triton launches through the backend (and still runs them)."""
+    seen = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen.append(name)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(triton_capture, "capture_from_lse", spy("from_lse", triton_capture.capture_from_lse))
+    monkeypatch.setattr(
+        triton_fused, "capture_self_normalising", spy("self_normalising", triton_fused.capture_self_normalising)
+    )
+    return seen
+
+
+def _maps(pipe, **trace_kw) -> torch.Tensor:
+    with trace(pipe, **trace_kw) as tc:
+        pipe(
+            prompt="a red circle and a blue square",
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+        return tc.compute_global_heat_map().heat_maps
+
+
+@pytest.mark.parametrize("daam_compat", [False, True])  # head-summed buffers / per-(layer, head) buffers
+def test_traced_maps_with_triton_equal_torch_backend(sd_pipe, monkeypatch, launches, daam_compat):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    expected = _maps(sd_pipe, daam_compat=daam_compat)
+    assert launches == []
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    got = _maps(sd_pipe, daam_compat=daam_compat)
+    assert launches, "the traced run never reached the Triton kernels"
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=ATOL_OF_PEAK * expected.abs().max().item(), rtol=RTOL)

@@ -15,43 +15,18 @@ logger = logging.getLogger("daam_fast.cli")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
     from tqdm import tqdm
 
-    from . import trace
-    from .testing import tiny_sd_pipeline
+    from .demo import DEFAULT_PROMPTS, run_demo
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Until a trained demo model ships, the demo runs a tiny random-weight pipeline: it shows the
-    # plumbing and the outputs, not meaningful attributions.
-    tqdm.write("daam-fast demo: tiny RANDOM-WEIGHT SD pipeline (maps show the tool, not real attributions)")
-    pipe = tiny_sd_pipeline()
-    prompt = args.prompt
-    with trace(pipe) as tc:
-        image = pipe(
-            prompt,
-            num_inference_steps=args.steps,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(args.seed),
-        ).images[0]
-        gm = tc.compute_global_heat_map()
-    image = image.resize((256, 256))
-    image.save(out / "image.png")
-    gm.save(out / "maps.safetensors", seed=args.seed)
-    words = [w.text for w in gm.tokens.words]
-    for word in tqdm(dict.fromkeys(words), desc="overlays", unit="word"):
-        fig, ax = plt.subplots(figsize=(4, 4))
-        gm.compute_word_heat_map(word).plot_overlay(image, ax=ax, title=f"{word} (random-weight demo)")
-        fig.savefig(out / f"overlay_{word}.png", bbox_inches="tight")
-        plt.close(fig)
-    tqdm.write(f"wrote {out}/image.png, maps.safetensors and {len(set(words))} overlays")
+    # The demo model (daam_fast/demo/model, trained here with an attention-alignment loss) shows the tool
+    # and checks its plumbing; its maps say nothing about how faithful attention is on real models.
+    prompts = [args.prompt] if args.prompt else list(DEFAULT_PROMPTS)
+    results = run_demo(args.out, prompts=prompts, steps=args.steps, seed=args.seed)
+    n_files = sum(len(r["files"]) for r in results)
+    tqdm.write(f"wrote {n_files} images and overlays for {len(results)} prompt(s) to {args.out}/")
     return 0
 
 
@@ -357,12 +332,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(
         "demo",
-        help="generate with the demo model and write per-word overlays",
-        epilog="example: daam-fast demo --out daam-out",
+        help="generate with the bundled demo model and write images, per-word overlays and dominance figures",
+        epilog="examples: daam-fast demo --out daam-out\n"
+        '          daam-fast demo --prompt "a white square and a red triangle"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("--out", default="daam-out", help="output folder (default: daam-out)")
-    d.add_argument("--prompt", default="a red circle and a blue square")
-    d.add_argument("--steps", type=int, default=10)
+    d.add_argument(
+        "--prompt",
+        default=None,
+        help="one prompt (colours red/green/blue/yellow/white, shapes circle/square/triangle); "
+        "default: three built-in prompts",
+    )
+    d.add_argument("--steps", type=int, default=20)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     d.set_defaults(func=_demo)

@@ -14,12 +14,12 @@ namespace {
 // to the launchers in the .cu files.
 void capture_from_lse(const at::Tensor& q, const at::Tensor& k_sel, const at::Tensor& lse, double scale,
                       at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  daam_fast::cuda_capture_from_lse_cuda(q, k_sel, lse, scale, out, bias.has_value() ? &*bias : nullptr);
+  daam_fast::capture_from_lse_cuda(q, k_sel, lse, scale, out, bias.has_value() ? &*bias : nullptr);
 }
 
 void capture_self_normalising(const at::Tensor& q, const at::Tensor& k, const at::Tensor& token_idx, double scale,
                               at::Tensor& out, const std::optional<at::Tensor>& bias) {
-  daam_fast::cuda_capture_self_normalising_cuda(q, k, token_idx, scale, out, bias.has_value() ? &*bias : nullptr);
+  daam_fast::capture_self_normalising_cuda(q, k, token_idx, scale, out, bias.has_value() ? &*bias : nullptr);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Longest key sequence the fused attention + capture kernel takes (SD/SDXL cross-attention has 77).
+_MAX_FUSED_KEYS = 512
 
 #: daam skips the attention grids at 1/8 of the latent size (too coarse to localise anything).
 DEFAULT_SKIPPED_FACTORS = frozenset({8})
@@ -168,6 +172,8 @@ class Trace(JointTraceMixin):
         per_layer: keep one buffer per layer (needed for ``layer_idx`` selection).
         daam_compat: keep one buffer per (layer, head) and aggregate exactly as daam 0.2.0 does.
         backend: force a capture backend (``torch``, ``triton``, ``cuda``); default automatic.
+        fused: on CUDA with Triton, compute UNet cross-attention and its capture in one fused kernel (the
+            image then equals SDPA's to rounding, not bit for bit); ``False`` keeps SDPA's own kernel.
         keep_records: keep only the last ``keep_records`` :class:`Record` s (default ``None``: all). Each record
             holds its heat buffers, so a long-lived tracer over many pipeline calls should bound this.
         snapshots: ``"step"`` also keeps a copy of the buffers after every traced step, so
@@ -199,6 +205,7 @@ class Trace(JointTraceMixin):
         per_layer: bool = False,
         daam_compat: bool = False,
         backend: str | None = None,
+        fused: bool = True,
         keep_records: int | None = None,
         snapshots: str | None = None,
         max_snapshot_bytes: int | None = None,
@@ -251,6 +258,7 @@ class Trace(JointTraceMixin):
         self.daam_compat = daam_compat
         self.per_layer = per_layer or daam_compat
         self.backend = backend
+        self.fused = bool(fused)
         if backend is not None and backend not in {b.name for b in dispatch.backends()} | {"auto"}:
             raise ValueError(f"unknown backend {backend!r}; valid: {[b.name for b in dispatch.backends()]} or 'auto'")
         self.records: list[Record] = []
@@ -410,17 +418,62 @@ class Trace(JointTraceMixin):
         rec.rows = slice(0, B) if rec.has_negative else slice(B - n, B)
         rec.expected_steps = getattr(self.pipe, "_num_timesteps", None)
 
+    def _target(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> tuple[Record, _Slot] | None:
+        """The record and heat buffer this attention call adds into, or None when it is not traced."""
+        if not self.records or self.records[-1].batch_size is None:
+            return None
+        rec = self.records[-1]
+        if self.steps is not None and rec.steps_seen - 1 not in self.steps:
+            return None
+        slot = self._slot(rec, layer_idx, q, k)
+        return None if slot is None else (rec, slot)
+
+    def fused_attention(self, layer_idx, q, k, v, scale) -> torch.Tensor | None:
+        """Fast path for processors (no mask, eager): attention output and capture in one Triton kernel.
+
+        Used when ``fused=True`` (default), the Triton backend can run the call (CUDA; the CPU only in the
+        Triton interpreter), no other backend is forced and ``k`` has at most 512 keys. The traced rows go
+        through the fused kernel; the other rows of the batch (the unconditional half) through SDPA.
+
+        Args: ``q [B, H, L, D]``, ``k``/``v`` ``[B, H, S, D]``, the softmax ``scale``.
+        Returns: the attention output ``[B, H, L, D]`` in ``q``'s dtype, or None (then the processor runs its
+        usual SDPA + capture path).
+        """
+        if not self.fused or self.backend not in (None, "auto", "triton"):
+            return None
+        forced = os.environ.get(dispatch.ENV_VAR)
+        if self.backend is None and forced not in (None, "", "auto", "triton"):
+            return None
+        triton = next((b for b in dispatch.backends() if b.name == "triton"), None)
+        if triton is None or k.shape[2] > _MAX_FUSED_KEYS or q.device.type not in triton.devices or triton.available():
+            return None
+        target = self._target(layer_idx, q, k)
+        if target is None:
+            return None
+        rec, slot = target
+        if triton.not_supported_reasons(q, slot.buf):
+            return None
+        from .kernels.triton_fused import fused_attention_capture
+
+        rows, B = rec.rows, q.shape[0]
+        idx = self._token_index(k.shape[2], k.device)
+        traced = fused_attention_capture(q[rows], k[rows], v[rows], idx, scale, slot.buf)
+        if rows.start > 0:  # the untraced leading rows (CFG's unconditional half) need no capture
+            rest = slice(0, rows.start)
+            plain = F.scaled_dot_product_attention(q[rest], k[rest], v[rest], scale=scale)
+            traced = torch.cat([plain, traced.to(plain.dtype)])
+        elif rows.stop < B:
+            raise AssertionError(f"traced rows {rows} must end the batch of {B}")
+        if layer_idx not in slot.layer_heads:
+            slot.layer_heads[layer_idx] = q.shape[1]
+        return traced
+
     def on_attention(self, layer_idx, q, k, lse, bias, scale) -> None:
         """Capture sink entry (called by the processors): add this call's maps into the record."""
-        if not self.records or self.records[-1].batch_size is None:
+        target = self._target(layer_idx, q, k)
+        if target is None:
             return
-        rec = self.records[-1]
-        step = rec.steps_seen - 1
-        if self.steps is not None and step not in self.steps:
-            return
-        slot = self._slot(rec, layer_idx, q, k)
-        if slot is None:
-            return
+        rec, slot = target
         rows = rec.rows
         qr, kr = q[rows], k[rows]
         br = None if bias is None else (bias if bias.shape[0] == 1 else bias[rows])

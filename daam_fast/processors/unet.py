@@ -134,8 +134,13 @@ class UNetCrossAttnCaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states, lse = attention_with_lse(query, key, value, attn_mask=attention_mask)
-        self._emit(query, key, lse, mask_to_bias(attention_mask, torch.float32), head_dim**-0.5)
+        hidden_states = None
+        fused = getattr(self.sink, "fused_attention", None)
+        if fused is not None and attention_mask is None and not torch.compiler.is_compiling():
+            hidden_states = fused(self.layer_idx, query, key, value, head_dim**-0.5)
+        if hidden_states is None:
+            hidden_states, lse = attention_with_lse(query, key, value, attn_mask=attention_mask)
+            self._emit(query, key, lse, mask_to_bias(attention_mask, torch.float32), head_dim**-0.5)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)

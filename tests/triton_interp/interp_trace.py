@@ -36,8 +36,12 @@ def launches(monkeypatch):
 
 
 def _maps(pipe, **trace_kw) -> torch.Tensor:
+    return _run(pipe, **trace_kw)[0]
+
+
+def _run(pipe, **trace_kw):
     with trace(pipe, **trace_kw) as tc:
-        pipe(
+        out = pipe(
             prompt="a red circle and a blue square",
             height=64,
             width=64,
@@ -45,7 +49,7 @@ def _maps(pipe, **trace_kw) -> torch.Tensor:
             generator=torch.Generator().manual_seed(0),
             output_type="np",
         )
-        return tc.compute_global_heat_map().heat_maps
+        return tc.compute_global_heat_map().heat_maps, torch.from_numpy(out.images)
 
 
 @pytest.mark.parametrize("daam_compat", [False, True])  # head-summed buffers / per-(layer, head) buffers
@@ -54,7 +58,30 @@ def test_traced_maps_with_triton_equal_torch_backend(sd_pipe, monkeypatch, launc
     expected = _maps(sd_pipe, daam_compat=daam_compat)
     assert launches == []
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    got = _maps(sd_pipe, daam_compat=daam_compat)
+    got = _maps(sd_pipe, daam_compat=daam_compat, fused=False)  # SDPA + capture_from_lse
     assert launches, "the traced run never reached the Triton kernels"
     assert got.abs().sum() > 0
     torch.testing.assert_close(got, expected, atol=ATOL_OF_PEAK * expected.abs().max().item(), rtol=RTOL)
+
+
+@pytest.mark.parametrize("daam_compat", [False, True])
+def test_fused_attention_capture_in_the_processor(sd_pipe, monkeypatch, daam_compat):
+    # fused=True (default) with the Triton backend: the UNet cross-attention output and its capture come from
+    # one kernel (the unconditional CFG half through SDPA); maps equal the torch backend's, the image SDPA's
+    # to fp32 rounding.
+    fused_calls = []
+    real = triton_fused.fused_attention_capture
+
+    def spy(*args, **kwargs):
+        fused_calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_fused, "fused_attention_capture", spy)
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    expected, image = _run(sd_pipe, daam_compat=daam_compat)
+    assert fused_calls == []
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    got, fused_image = _run(sd_pipe, daam_compat=daam_compat)
+    assert fused_calls and all(shape[0] == 1 for shape in fused_calls)  # only the conditional row is fused
+    torch.testing.assert_close(got, expected, atol=ATOL_OF_PEAK * expected.abs().max().item(), rtol=RTOL)
+    assert (fused_image - image).abs().max() < 1e-4

@@ -456,14 +456,14 @@ class Trace(JointTraceMixin):
         from .kernels.triton_fused import fused_attention_capture
 
         rows, B = rec.rows, q.shape[0]
+        if rows.stop != B:  # the traced rows are the batch's tail (CFG: the conditional half) by construction
+            return None
         idx = self._token_index(k.shape[2], k.device)
         traced = fused_attention_capture(q[rows], k[rows], v[rows], idx, scale, slot.buf)
         if rows.start > 0:  # the untraced leading rows (CFG's unconditional half) need no capture
             rest = slice(0, rows.start)
             plain = F.scaled_dot_product_attention(q[rest], k[rest], v[rest], scale=scale)
             traced = torch.cat([plain, traced.to(plain.dtype)])
-        elif rows.stop < B:
-            raise AssertionError(f"traced rows {rows} must end the batch of {B}")
         if layer_idx not in slot.layer_heads:
             slot.layer_heads[layer_idx] = q.shape[1]
         return traced

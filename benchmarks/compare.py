@@ -15,6 +15,8 @@ from benchmarks import harness
 from benchmarks.daam_style import DaamStyleTrace
 
 VARIANTS = ("vanilla", "traced", "daam_style")
+#: Also timed on CUDA: UNet cross-attention through the fused Triton attention + capture kernel (opt-in).
+FUSED_VARIANT = "traced_fused"
 
 
 def _call(pipe, prompt: str, height: int, width: int, steps: int):
@@ -28,9 +30,12 @@ def _call(pipe, prompt: str, height: int, width: int, steps: int):
     )
 
 
-def make_variants(pipe, prompt: str, height: int, width: int, steps: int, sink: dict | None = None) -> dict:
-    """The three calls as zero-argument functions. ``sink`` (optional) receives the last traced
-    ``Trace`` (key ``"trace"``) and the last DAAM-style map (key ``"daam_style_map"``)."""
+def make_variants(
+    pipe, prompt: str, height: int, width: int, steps: int, sink: dict | None = None, fused: bool = False
+) -> dict:
+    """The three calls as zero-argument functions (four with ``fused``: ``traced_fused`` traces with
+    ``fused=True``). ``sink`` (optional) receives the last traced ``Trace`` (key ``"trace"``) and the last
+    DAAM-style map (key ``"daam_style_map"``)."""
     from daam_fast import trace
 
     n_prompt_tokens = len(pipe.tokenizer.tokenize(prompt))
@@ -39,11 +44,16 @@ def make_variants(pipe, prompt: str, height: int, width: int, steps: int, sink: 
         _call(pipe, prompt, height, width, steps)
 
     def traced():
-        with trace(pipe) as tc:
+        with trace(pipe, fused=False) as tc:
             _call(pipe, prompt, height, width, steps)
             tc.compute_global_heat_map()
         if sink is not None:
             sink["trace"] = tc
+
+    def traced_fused():
+        with trace(pipe, fused=True) as tc:
+            _call(pipe, prompt, height, width, steps)
+            tc.compute_global_heat_map()
 
     def daam_style():
         with DaamStyleTrace(pipe) as dt:
@@ -54,7 +64,10 @@ def make_variants(pipe, prompt: str, height: int, width: int, steps: int, sink: 
             sink["daam_style_store_bytes"] = sum(m.numel() * m.element_size() for m in dt.maps.values())
             sink["daam_style_n_maps"] = len(dt.maps)
 
-    return {"vanilla": vanilla, "traced": traced, "daam_style": daam_style}
+    variants = {"vanilla": vanilla, "traced": traced, "daam_style": daam_style}
+    if fused:
+        variants[FUSED_VARIANT] = traced_fused
+    return variants
 
 
 def compare_pipeline(
@@ -77,10 +90,11 @@ def compare_pipeline(
     "daam_style_maps": int (per-(layer, head) maps kept), "daam_style_store_bytes": int, "shape": {...}}``.
     """
     sink: dict = {}
-    variants = make_variants(pipe, prompt, height, width, steps, sink)
+    fused = str(device).startswith("cuda")
+    variants = make_variants(pipe, prompt, height, width, steps, sink, fused=fused)
     warmup = None
     if warmup_size is not None:
-        warmup = make_variants(pipe, prompt, warmup_size[0], warmup_size[1], steps)
+        warmup = make_variants(pipe, prompt, warmup_size[0], warmup_size[1], steps, fused=fused)
     if memory and not str(device).startswith("cuda") and harness.peak_rss_supported() is not None:
         memory = False
     results = harness.interleaved(variants, rounds, device=device, warmup=warmup, memory=memory)

@@ -1,4 +1,5 @@
-// Shared by ext.cpp (host compiler) and the .cu files (nvcc): argument checks and the launchers' declarations.
+// Shared by ext.cpp (host compiler) and the .cu files (nvcc): the argument-check macros (used in ext.cpp, which
+// validates every argument before calling a launcher) and the launchers' declarations.
 // Nothing here includes CUDA headers, so ext.cpp compiles with only torch's headers. The launchers take
 // at::TensorBase, not at::Tensor: TensorBase.h is a fraction of Tensor.h, which roughly halves nvcc's time per
 // .cu (the front end parses every header once per target architecture); ext.cpp adapts the op signatures.
@@ -15,12 +16,18 @@
 #define DAAM_CHECK_DTYPE(x, dtype) \
   TORCH_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype), ", got ", (x).scalar_type())
 #define DAAM_CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dims, got shape ", (x).sizes())
-#define DAAM_CHECK_SHAPE(x, ...)                                                                         \
-  TORCH_CHECK((x).sizes() == c10::IntArrayRef({__VA_ARGS__}), #x " must have shape ",                   \
-              c10::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+// The expected shape lives in a named array for the whole check (no initializer_list temporaries).
+#define DAAM_CHECK_SHAPE(x, ...)                                                                                 \
+  do {                                                                                                           \
+    const int64_t daam_expected_[] = {__VA_ARGS__};                                                              \
+    const c10::IntArrayRef daam_want_(daam_expected_);                                                           \
+    TORCH_CHECK((x).sizes() == daam_want_, #x " must have shape ", daam_want_, ", got ", (x).sizes());          \
+  } while (false)
 #define DAAM_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
 
 namespace daam_fast {
+
+// Both launchers expect arguments that ext.cpp has checked (shapes, dtypes, devices, int ranges).
 
 // out[b, t, l] (or out[b, h, t, l] for a 4-D out) += Σ_h exp(scale · q[b,h,l]·k_sel[b,h,t] + bias[b,h,l,t] − lse[b,h,l]).
 // q [B,H,L,D] and k_sel [B,H,T,D] fp16/bf16/fp32, any strides; lse [B,H,L] fp32, any strides; out fp32 [B,T,L] or

@@ -213,6 +213,15 @@ def test_cpp_checks_reject_bad_arguments():
         torch.ops.daam_fast.cuda_capture_from_lse(
             q, k, lse, 0.1, torch.zeros(1, 1, 64, device=DEV).expand(1, 10, 64), None
         )
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        torch.ops.daam_fast.cuda_capture_from_lse(q, k, lse, 0.1, out, torch.zeros(1, 2, 64, 9, device=DEV))
+    with pytest.raises(RuntimeError, match="per-head|out must have shape"):
+        torch.ops.daam_fast.cuda_capture_from_lse(q, k, lse, 0.1, torch.zeros(1, 3, 10, 64, device=DEV), None)
+    idx = torch.arange(3, device=DEV)
+    with pytest.raises(RuntimeError, match="token_idx must have dtype"):
+        torch.ops.daam_fast.cuda_capture_self_normalising(q, k, idx.int(), 0.1, out[:, :3], None)
+    with pytest.raises(RuntimeError, match="no keys"):
+        torch.ops.daam_fast.cuda_capture_self_normalising(q, k[:, :, :0], idx, 0.1, out[:, :3], None)
 
 
 def test_opcheck():

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/make_readme_figures.py [--model PATH_OR_ID] [--out docs/figures]
 
-Without --model it uses daam_fast.testing.tiny_sd_pipeline(): random weights, so the figures show the layout,
+Without --model it uses tests.fixtures.pipelines.tiny_sd_pipeline(): random weights, so the figures show the layout,
 not meaningful attributions (their titles say so). With a real model pass --size 512x512 --steps 30.
 """
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         pipe.set_progress_bar_config(disable=True)
         model = args.model
     else:
-        from daam_fast.testing import tiny_sd_pipeline
+        from tests.fixtures.pipelines import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline()
         model = "tiny random-weight SD (layout demo)"

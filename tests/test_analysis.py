@@ -7,8 +7,8 @@ import torch
 
 from daam_fast import GlobalHeatMap, trace
 from daam_fast import analysis as A
-from daam_fast.testing import clip_tokenizer
 from daam_fast.tokens import tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer
 
 PROMPT = "a red circle and a blue square"
 
@@ -197,7 +197,7 @@ def test_sdxl_pipeline(sdxl_pipe):
 
 
 def test_joint_attention_sd3_counts_both_encoders():
-    from daam_fast.testing import tiny_sd3_pipeline
+    from tests.fixtures.pipelines import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline()
     gen = A.trace_generation(pipe, PROMPT, seed=0, max_sequence_length=32, **KW)

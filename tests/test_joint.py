@@ -19,14 +19,14 @@ TOL = dict(rtol=1e-5, atol=1e-7)
 
 @pytest.fixture(scope="module")
 def sd3_pipe():
-    from daam_fast.testing import tiny_sd3_pipeline
+    from tests.fixtures.pipelines import tiny_sd3_pipeline
 
     return tiny_sd3_pipeline()
 
 
 @pytest.fixture(scope="module")
 def flux_pipe():
-    from daam_fast.testing import tiny_flux_pipeline
+    from tests.fixtures.pipelines import tiny_flux_pipeline
 
     return tiny_flux_pipeline()
 
@@ -317,7 +317,7 @@ def test_unsupported_transformer_is_named():
 def test_bf16_images_identical_and_sd3_maps_close():
     # bf16 on the CPU: SDPA's flash kernel gives the lse too, so images stay identical. SD3 has no RoPE, so the
     # float64 naive sees the model's own bf16 q and k: the kernel tolerance for bf16 applies.
-    from daam_fast.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+    from tests.fixtures.pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
     for make in (tiny_sd3_pipeline, tiny_flux_pipeline):
         pipe = make().to(dtype=torch.bfloat16)

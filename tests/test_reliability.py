@@ -17,8 +17,8 @@ import torch
 from daam_fast import GlobalHeatMap, HeatMapFileError, SnapshotBudgetError, UnsupportedPipelineError, load, trace
 from daam_fast.accumulate import snapshot_bytes, step_bytes
 from daam_fast.kernels import dispatch, reference
-from daam_fast.testing import clip_tokenizer, tiny_sd_pipeline
 from daam_fast.tokens import WordNotFoundError, tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer, tiny_sd_pipeline
 
 PROMPT = "a red circle and a red square"
 _trace_mod = importlib.import_module("daam_fast.trace")  # the module; ``daam_fast.trace`` is the Trace class

@@ -34,7 +34,7 @@ __all__ = ["CaptureSink", "UNetCrossAttnCaptureProcessor"]
 
 
 class CaptureSink(Protocol):
-    """Receives every cross-attention call of a traced model (implemented by the tracer)."""
+    """Receives every cross-attention call of a traced model (the tracer's accumulator)."""
 
     def on_attention(
         self,

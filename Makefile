@@ -12,8 +12,6 @@ $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	# constraints.txt pins torch==2.13.0 (the CPU wheel): an unpinned torch pulls GBs of CUDA.
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	# Only for its CLIP BPE vocabulary file; --no-deps keeps torchvision out.
-	$(PY) -m pip install -q --no-deps clip-anytorch==2.6.0
 	touch $(STAMP)
 
 venv: $(STAMP)

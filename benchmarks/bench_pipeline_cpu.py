@@ -107,7 +107,7 @@ def _sdxl_layout_pipeline():
     SDXL-at-1024²'s latent (128²) and attention grids (64², 32²) at a small cost."""
     from diffusers import UNet2DConditionModel
 
-    from daam_fast.testing import tiny_sdxl_pipeline
+    from tests.fixtures.pipelines import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline()
     cfg = harness.load_config("sdxl", "unet")

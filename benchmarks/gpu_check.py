@@ -53,7 +53,7 @@ def _flux_pipeline(device: str, dtype: torch.dtype, tiny: bool):
             vae = AutoencoderKL.from_config(vcfg).eval()
     finally:
         torch.set_default_dtype(previous)
-    from daam_fast.testing import clip_tokenizer, t5_tokenizer
+    from tests.fixtures.pipelines import clip_tokenizer, t5_tokenizer
 
     # Tokenizers only name the prompt's words for the tracer (the real CLIP BPE; a tiny offline T5
     # sentencepiece model stands in for T5's): the text encoders are replaced by random embeddings below.
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     sdxl_kind = "fp16" if device == "cuda" else "tiny model, fp32"
     try:
         if args.tiny_cpu:
-            from daam_fast.testing import tiny_sdxl_pipeline
+            from tests.fixtures.pipelines import tiny_sdxl_pipeline
 
             pipe = tiny_sdxl_pipeline()
         else:

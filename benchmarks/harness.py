@@ -77,11 +77,11 @@ def build_sd15_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu",
     """``StableDiffusionPipeline`` with SD 1.5's architecture (``configs/sd15``) and random weights.
 
     Weights are random (timing and memory do not depend on their values); the tokenizer is the real
-    CLIP BPE, built offline by :func:`daam_fast.testing.clip_tokenizer`.
+    CLIP BPE, built offline by :func:`tests.fixtures.pipelines.clip_tokenizer`.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from daam_fast.testing import clip_tokenizer
+    from tests.fixtures.pipelines import clip_tokenizer
 
     torch.manual_seed(seed)
     with torch.device(device):
@@ -108,7 +108,7 @@ def build_sdxl_pipeline(dtype: torch.dtype = torch.float16, device: str = "cuda"
     """``StableDiffusionXLPipeline`` with SDXL base 1.0's architecture (``configs/sdxl``), random weights."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from daam_fast.testing import clip_tokenizer
+    from tests.fixtures.pipelines import clip_tokenizer
 
     torch.manual_seed(seed)
     # Built directly on the device in the target dtype: 3.5 B random parameters initialise in seconds there.

@@ -11,8 +11,8 @@ import logging
 
 from .heatmap import GlobalHeatMap, HeatMapFileError, WordHeatMap, load
 from .trace import Record, SnapshotBudgetError, Trace, UnsupportedPipelineError, trace
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "GlobalHeatMap",
     "HeatMapFileError",

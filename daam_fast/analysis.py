@@ -3,7 +3,7 @@
 Every function here works on :class:`~daam_fast.heatmap.GlobalHeatMap` objects (fp32 ``[n_positions, H, W]``
 per-token maps) or on plain fp32 ``[N, H, W]`` stacks of word maps, so the same analysis applies to the prompt's
 maps, to the negative prompt's (``tc.compute_global_heat_map(negative=True)``) and to maps loaded from disk.
-The ``trace_*`` / ``run_*`` functions run a pipeline under :func:`daam_fast.trace`; the others are pure.
+All of them are pure: running a pipeline under :func:`daam_fast.trace` is :mod:`daam_fast.generation`'s.
 
 Conventions: "normalised" means min-max scaled to [0, 1] per map; a constant map normalises to all zeros.
 Undefined statistics (the correlation of a constant map, the stability of a single seed) are ``nan``, never
@@ -22,7 +22,6 @@ from .heatmap import GlobalHeatMap
 
 __all__ = [
     "Dominance",
-    "Generation",
     "Overlap",
     "SeedSweep",
     "TimeProfile",
@@ -32,12 +31,9 @@ __all__ = [
     "normalize01",
     "pearson",
     "prompt_words",
-    "run_seed_sweep",
     "seed_sweep",
     "soft_iou",
     "time_profile",
-    "trace_generation",
-    "trace_time_profile",
     "word_influence",
     "word_maps",
 ]
@@ -264,57 +260,6 @@ def dominance_map(
     return Dominance(names, index, top.values[0] - top.values[1], maps, normalize)
 
 
-# ------------------------------------------------------------------------------------------ generation
-@dataclass
-class Generation:
-    """One traced generation: the PIL ``image``, its ``maps`` and, when a negative prompt was traced,
-    ``negative_maps`` (both :class:`GlobalHeatMap`, fp32 ``[n_positions, H_latent, W_latent]``)."""
-
-    seed: int
-    image: object
-    maps: GlobalHeatMap
-    negative_maps: GlobalHeatMap | None = None
-
-
-def _negative_wanted(pipe_kwargs: dict) -> bool:
-    return bool(pipe_kwargs.get("negative_prompt")) and pipe_kwargs.get("guidance_scale", 7.5) > 1
-
-
-def _generator(pipe, seed: int) -> torch.Generator:
-    # A generator on the pipeline's device, so a seed gives the same image as diffusers' own examples.
-    device = str(getattr(pipe, "device", "cpu"))
-    return torch.Generator(device="cpu" if device == "mps" else device).manual_seed(int(seed))
-
-
-def trace_generation(pipe, prompt: str, seed: int = 0, *, trace_kwargs: dict | None = None, **pipe_kwargs):
-    """Run ``pipe(prompt, generator=torch.Generator().manual_seed(seed), **pipe_kwargs)`` under
-    :func:`daam_fast.trace` and return a :class:`Generation`. Negative-prompt maps are traced when
-    ``negative_prompt`` is given (non-empty) and ``guidance_scale > 1``."""
-    from .trace import trace
-
-    negative = _negative_wanted(pipe_kwargs)
-    generator = _generator(pipe, seed)
-    with trace(pipe, negative=negative, **(trace_kwargs or {})) as tc:
-        image = pipe(prompt, generator=generator, **pipe_kwargs).images[0]
-        gm = tc.compute_global_heat_map()
-        neg = tc.compute_global_heat_map(negative=True) if negative else None
-    gm.meta["seed"] = int(seed)
-    if neg is not None:
-        neg.meta["seed"] = int(seed)
-    return Generation(int(seed), image, gm, neg)
-
-
-def run_seed_sweep(pipe, prompt: str, seeds: Sequence[int], *, progress: bool = True, **kwargs) -> list[Generation]:
-    """:func:`trace_generation` for each seed (tqdm bar over seeds unless ``progress=False``); ``kwargs`` go to
-    :func:`trace_generation` (pipeline arguments and ``trace_kwargs``)."""
-    from tqdm.auto import tqdm
-
-    return [
-        trace_generation(pipe, prompt, s, **kwargs)
-        for s in tqdm(list(seeds), desc="seeds", unit="seed", disable=not progress)
-    ]
-
-
 # --------------------------------------------------------------------------------------------- seeds
 @dataclass
 class SeedSweep:
@@ -405,44 +350,3 @@ def time_profile(
     share = mass / totals.clamp_min(_EPS).double()[:, None]
     ranges = _phases(len(step_maps), phases)
     return TimeProfile(chosen, maps, mass, share, ranges, {k: maps[list(r)].sum(0) for k, r in ranges.items()})
-
-
-def trace_time_profile(
-    pipe,
-    prompt: str,
-    seed: int = 0,
-    words: Sequence[str] | None = None,
-    phases: int = 3,
-    *,
-    trace_kwargs: dict | None = None,
-    **pipe_kwargs,
-) -> tuple[Generation, TimeProfile]:
-    """One traced generation with per-step maps, in a single pipeline run.
-
-    How: the tracer's own per-step snapshots (``trace(pipe, snapshots="step")``, a copy of the small native-
-    resolution heat buffers after each step, under the tracer's memory guard ``max_snapshot_bytes``) and
-    :meth:`Trace.compute_step_heat_maps`, which differences them; a step's map equals a ``trace(pipe, steps=[i])``
-    run to fp32 rounding (the tests check a phase against such a run), without running the pipeline per step.
-    ``trace_kwargs`` go to :func:`daam_fast.trace` (e.g. ``max_snapshot_bytes``; not ``steps``).
-
-    Returns:
-        ``(generation, profile)``: the :class:`Generation` (whole-run maps; negative-prompt maps as in
-        :func:`trace_generation`) and the prompt's :class:`TimeProfile`.
-    """
-    from .trace import trace
-
-    kwargs = dict(trace_kwargs or {})
-    if "steps" in kwargs or "snapshots" in kwargs:
-        raise ValueError("trace_time_profile traces every step with snapshots; do not pass steps or snapshots")
-    negative = _negative_wanted(pipe_kwargs)
-    generator = _generator(pipe, seed)
-    with trace(pipe, negative=negative, snapshots="step", **kwargs) as tc:
-        image = pipe(prompt, generator=generator, **pipe_kwargs).images[0]
-        gm = tc.compute_global_heat_map()
-        neg = tc.compute_global_heat_map(negative=True) if negative else None
-        per_step = tc.compute_step_heat_maps()
-    for g in (gm, neg):
-        if g is not None:
-            g.meta["seed"] = int(seed)
-    steps = [per_step[k] for k in sorted(per_step)]
-    return Generation(int(seed), image, gm, neg), time_profile(steps, words, phases)

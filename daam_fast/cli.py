@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
+
+from . import session
+from .session import UsageError
 
 __all__ = ["main"]
 
@@ -31,10 +33,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- generate / analyze
-class UsageError(Exception):
-    """A bad argument: reported in one line, exit code 2."""
-
-
 REPORT_EPILOG = """\
 examples:
   daam-fast generate --model ./my-sd-folder --prompt "a red circle and a blue square" --words red circle
@@ -52,8 +50,8 @@ outputs (paths relative to --out):
   seed_sweep.png              maps across seeds (2+ seeds); time_profile.png: per-step strip (first seed)
 
 report.json fields:
-  daam_fast_version, command ("generate" | "analyze"), model, prompt, negative_prompt, words (analysed),
-  seeds, steps, size ([width, height] of the images), guidance_scale,
+  daam_fast_version, command ("generate" | "analyze" | "ui"), model, prompt, negative_prompt, words (analysed),
+  seeds, steps, size ([width, height] of the images), guidance_scale (as used; the pipeline's default if not given),
   runs: one per seed: {seed, image, maps, negative_maps, overlays {word: png}, influence [{word, share, mass}]
         ranked (share of all prompt tokens' attribution, start/end/padding excluded), negative_influence,
         overlap {words, iou [[..]], pearson [[..]]}, dominance_area {word: fraction of pixels}},
@@ -67,216 +65,42 @@ exit codes: 0 ok, 2 bad arguments (one-line message), 1 runtime failure (model f
 """
 
 
-def _parse_seeds(text: str) -> list[int]:
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m:
-            raise UsageError(f"--seeds {text!r}: expected e.g. 0, 0-7 or 1,4,9 (non-negative integers)")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UsageError(f"--seeds {text!r}: range {part} is empty (end before start)")
-        seeds.extend(range(lo, hi + 1))
-    if len(seeds) > 1000:
-        raise UsageError(f"--seeds {text!r}: {len(seeds)} seeds is more than 1000")
-    return list(dict.fromkeys(seeds))
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
-    width, height = int(m.group(1)), int(m.group(2))
-    if width % 8 or height % 8:  # diffusers' SD / SDXL pipelines refuse other sizes
-        raise UsageError(f"--size {text!r}: width and height must be multiples of 8")
-    return width, height
-
-
-def _looks_local(model: str) -> bool:
-    # A hub id is "name" or "org/name"; anything path-like that does not exist is a missing folder.
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-
-
-def _load_pipeline(model: str, device: str, quiet: bool = False):
-    import torch
-    from diffusers import DiffusionPipeline
+def _quiet_diffusers(quiet: bool) -> None:
+    # The command decides what its user sees: diffusers' loading chatter is not for a command-line user.
     from diffusers.utils import logging as dlogging
 
-    path = Path(model).expanduser()
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise UsageError(f"--model {model!r}: the folder has no model_index.json (not a diffusers pipeline folder)")
-    if not path.exists() and _looks_local(model):
-        raise UsageError(f"--model {model!r}: no such folder")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    dlogging.set_verbosity_error()  # diffusers' loading chatter is not for a command-line user
+    dlogging.set_verbosity_error()
     if quiet:
         dlogging.disable_progress_bar()
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
-    except Exception as exc:
-        logger.debug("loading %s failed", model, exc_info=True)
-        hint = "" if path.exists() else " (a hub id needs network access or a local cache; or pass a local folder)"
-        raise RuntimeError(f"could not load model {model!r}: {type(exc).__name__}: {exc}{hint}") from exc
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(desc="steps", leave=False, disable=quiet)
-    return pipe
-
-
-def _check_words(tokens, words: list[str] | None, what: str) -> list[str] | None:
-    from .tokens import WordNotFoundError
-
-    if words is None:
-        return None
-    for w in words:
-        try:
-            tokens.positions(w)
-        except (WordNotFoundError, ValueError) as exc:
-            raise UsageError(f"--words: {exc}") from None
-    return words
-
-
-def _base_report(command: str, **fields) -> dict:
-    from . import __version__
-
-    return {"daam_fast_version": __version__, "command": command, **fields}
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-
-    from . import analysis as A
-    from .report import FigureSet, sweep_and_profile, write_report, write_run
-    from .tokens import tokenize_shared
-
-    seeds = _parse_seeds(args.seeds)
-    width, height = _parse_size(args.size)
-    if args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: must be at least 1")
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty")
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    pipe = _load_pipeline(args.model, args.device, args.quiet)
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
-    if not tokenizers:
-        raise UsageError(f"--model {args.model!r}: {type(pipe).__name__} has no CLIP tokenizer; cannot trace it")
-    words = _check_words(tokenize_shared(tokenizers, args.prompt), args.words, "prompt")
-    out.mkdir(parents=True, exist_ok=True)
-    kw = dict(num_inference_steps=args.steps, height=height, width=width, guidance_scale=args.guidance_scale)
-    if args.negative_prompt:
-        kw["negative_prompt"] = args.negative_prompt
     from tqdm.auto import tqdm
 
-    figs = FigureSet(out)
-    runs, maps, profile = [], [], None
-    for i, seed in enumerate(tqdm(seeds, desc="seeds", unit="seed", disable=args.quiet)):
-        if i == 0 and not args.no_time_profile:
-            gen, profile = A.trace_time_profile(pipe, args.prompt, seed, words, **kw)
-        else:
-            gen = A.trace_generation(pipe, args.prompt, seed, **kw)
-        chosen = words or A.prompt_words(gen.maps)
-        runs.append(
-            write_run(
-                out,
-                figs,
-                gen.maps,
-                chosen,
-                image=gen.image,
-                negative_maps=gen.negative_maps,
-                seed=seed,
-                model=args.model,
-                prefix=f"seed{seed}",
-            )
-        )
-        maps.append(gen.maps)
-    chosen = words or A.prompt_words(maps[0])
-    sweep, tp = sweep_and_profile(out, figs, maps, chosen, profile, model=args.model)
-    report = _base_report(
-        "generate",
-        model=args.model,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        words=chosen,
-        seeds=seeds,
+    request = session.make_request(
+        args.prompt,
+        seeds=args.seeds,
+        size=args.size,
         steps=args.steps,
-        size=[width, height],
+        negative_prompt=args.negative_prompt,
         guidance_scale=args.guidance_scale,
-        runs=runs,
-        seed_sweep=sweep,
-        time_profile=tp,
-        figures=figs.entries,
+        words=args.words,
+        time_profile=not args.no_time_profile,
     )
-    path = write_report(out, report)
+    torch.set_num_threads(args.threads)
+    _quiet_diffusers(args.quiet)
+    pipe = session.load_pipeline(args.model, args.device, quiet=args.quiet)
+    report = session.generate(pipe, request, Path(args.out), model=args.model, progress=not args.quiet)
     if not args.quiet:
-        tqdm.write(f"wrote {len(seeds)} run(s) and {len(figs.entries)} figures; report: {path}")
+        path = Path(args.out) / "report.json"
+        tqdm.write(f"wrote {len(report['runs'])} run(s) and {len(report['figures'])} figures; report: {path}")
     return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from . import analysis as A
-    from .heatmap import GlobalHeatMap, HeatMapFileError
-    from .report import FigureSet, sweep_and_profile, write_report, write_run
-
-    loaded = []
-    for f in args.maps:
-        p = Path(f)
-        if not p.is_file():
-            raise UsageError(f"{f}: no such file")
-        try:
-            loaded.append(GlobalHeatMap.load(p))
-        except HeatMapFileError as exc:
-            raise UsageError(str(exc)) from None
-    prompts = {g.prompt for g in loaded}
-    if len(prompts) > 1:
-        raise UsageError(f"the maps files have different prompts {sorted(prompts)}; analyse them one at a time")
-    words = _check_words(loaded[0].tokens, args.words, "maps")
-    shapes = {tuple(g.heat_maps.shape[1:]) for g in loaded}
-    if len(shapes) > 1:
-        raise UsageError(f"the maps files have different latent sizes {sorted(shapes)}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = words or A.prompt_words(loaded[0])
-    figs = FigureSet(out)
-    runs = []
-    if args.image and len(loaded) > 1:
-        raise UsageError("--image works with one maps file; with several, each uses the image.png next to it")
-    if args.image and not Path(args.image).is_file():
-        raise UsageError(f"--image {args.image}: no such file")
-    for i, gm in enumerate(loaded):
-        image_path = Path(args.image) if args.image else Path(args.maps[i]).parent / "image.png"
-        image = Image.open(image_path).convert("RGB") if image_path.is_file() else None
-        seed = gm.meta.get("seed")
-        prefix = f"map{i}" if len(loaded) > 1 else ""
-        model = gm.meta.get("model_name") or gm.meta.get("model")
-        runs.append(
-            write_run(out, figs, gm, chosen, image=image, seed=seed, model=model, prefix=prefix, save_maps=False)
-        )
-        runs[-1]["maps"] = str(args.maps[i])
-    sweep, tp = sweep_and_profile(out, figs, loaded, chosen, None, model=loaded[0].meta.get("model_name"))
-    meta = loaded[0].meta
-    size = meta.get("image_size")
-    report = _base_report(
-        "analyze",
-        model=meta.get("model_name") or meta.get("model"),
-        prompt=loaded[0].prompt,
-        negative_prompt=None,
-        words=chosen,
-        seeds=[g.meta.get("seed") for g in loaded],
-        steps=meta.get("steps"),
-        size=None if size is None else [size[1], size[0]],
-        guidance_scale=None,
-        runs=runs,
-        seed_sweep=sweep,
-        time_profile=tp,
-        figures=figs.entries,
-    )
-    path = write_report(out, report)
-    print(f"wrote {len(figs.entries)} figures; report: {path}")
+    report = session.analyze(args.maps, Path(args.out), words=args.words, image=args.image)
+    print(f"wrote {len(report['figures'])} figures; report: {Path(args.out) / 'report.json'}")
     return 0
 
 
@@ -285,10 +109,10 @@ def _ui(args: argparse.Namespace) -> int:
 
     from .ui import make_server
 
-    _parse_size(args.size)
-    if args.steps < 1:
-        raise UsageError(f"--steps {args.steps}: must be at least 1")
+    session.parse_size(args.size)
+    session.parse_steps(args.steps)
     torch.set_num_threads(args.threads)
+    _quiet_diffusers(quiet=True)
     try:
         server = make_server(
             args.host,
@@ -363,7 +187,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seeds", default="0", help="seeds: 3, 0-7 or 1,4,9 (default 0)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     g.add_argument("--size", default="512x512", help="image WIDTHxHEIGHT, multiples of 8 (default 512x512)")
-    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    g.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the pipeline's own: SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5)",
+    )
     g.add_argument("--out", default="daam-out", help="output folder (default daam-out)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

@@ -17,8 +17,18 @@ from pathlib import Path
 from . import analysis as A
 from . import figures as Fg
 from .heatmap import GlobalHeatMap
+from .version import __version__
 
-__all__ = ["REPORT_FIELDS", "RUN_FIELDS", "FigureSet", "safe_name", "sweep_and_profile", "write_report", "write_run"]
+__all__ = [
+    "REPORT_FIELDS",
+    "RUN_FIELDS",
+    "FigureSet",
+    "build_report",
+    "safe_name",
+    "sweep_and_profile",
+    "write_report",
+    "write_run",
+]
 
 #: Top-level keys of report.json.
 REPORT_FIELDS = (
@@ -150,6 +160,18 @@ def write_run(
     entry["overlap"] = {"words": overlap.words, "iou": overlap.iou.tolist(), "pearson": overlap.pearson.tolist()}
     entry["dominance_area"] = dominance.area()
     return entry
+
+
+def build_report(command: str, **fields) -> dict:
+    """The ``report.json`` dictionary of a ``command`` (``generate``, ``analyze``, ``ui``, ...): the package
+    version, the command, then every other field of :data:`REPORT_FIELDS`, in that order. Raises ``ValueError``
+    naming missing or unknown fields."""
+    given = {"daam_fast_version": __version__, "command": command, **fields}
+    missing = [k for k in REPORT_FIELDS if k not in given]
+    unknown = [k for k in given if k not in REPORT_FIELDS]
+    if missing or unknown:
+        raise ValueError(f"report fields missing {missing}, unknown {unknown}; the fields are {list(REPORT_FIELDS)}")
+    return {k: given[k] for k in REPORT_FIELDS}
 
 
 def write_report(out: Path, report: dict) -> Path:

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from . import session
+
 __all__ = ["PAGE", "UIServer", "make_server", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ $("form").addEventListener("submit", async (ev) => {
 
 
 class _UserError(ValueError):
-    pass
+    """A bad request: answered with 400 and its message."""
 
 
 class UIServer(ThreadingHTTPServer):
@@ -136,103 +138,51 @@ class UIServer(ThreadingHTTPServer):
 
     def pipeline(self, model: str):
         if model not in self.pipelines:
-            from .cli import UsageError, _load_pipeline
-
-            try:
-                self.pipelines[model] = _load_pipeline(model, self.device, quiet=True)
-            except UsageError as exc:
-                raise _UserError(str(exc)) from None
+            self.pipelines[model] = session.load_pipeline(model, self.device, quiet=True, what="model")
         return self.pipelines[model]
 
     def generate(self, form: dict) -> dict:
         """Run one request: ``form`` has prompt, negative_prompt, model, seeds, steps, size (strings)."""
-        from . import analysis as A
-        from .cli import UsageError, _parse_seeds, _parse_size
-        from .report import FigureSet, sweep_and_profile, write_report, write_run
-
-        prompt = str(form.get("prompt", "")).strip()
-        if not prompt:
-            raise _UserError("the prompt is empty")
         try:
-            seeds = _parse_seeds(str(form.get("seeds", "0")))
-            width, height = _parse_size(str(form.get("size", self.default_size)))
-            steps = int(form.get("steps", self.default_steps))
-        except (UsageError, ValueError) as exc:
-            raise _UserError(str(exc).replace("--", "")) from None
-        if steps < 1 or len(seeds) > 16:
-            raise _UserError("steps must be at least 1 and at most 16 seeds per request")
+            request = session.make_request(
+                form.get("prompt", ""),
+                seeds=str(form.get("seeds", "0")),
+                size=str(form.get("size", self.default_size)),
+                steps=form.get("steps", self.default_steps),
+                negative_prompt=form.get("negative_prompt"),
+                option_prefix="",
+                max_seeds=16,
+            )
+        except session.UsageError as exc:
+            raise _UserError(str(exc)) from None
         model = str(form.get("model") or self.default_model)
         if not model:
             raise _UserError("no model given")
-        negative = str(form.get("negative_prompt", "")).strip() or None
         with self.lock:
-            pipe = self.pipeline(model)
+            try:
+                pipe = self.pipeline(model)
+            except session.UsageError as exc:
+                raise _UserError(str(exc)) from None
             self.counter += 1
             rid = f"r{self.counter}"
-            out = self.workdir / rid
-            kw = dict(num_inference_steps=steps, height=height, width=width)
-            if negative:
-                kw["negative_prompt"] = negative
-            gens = A.run_seed_sweep(pipe, prompt, seeds, progress=False, **kw)
-            figs = FigureSet(out)
-            words = A.prompt_words(gens[0].maps)
-            runs = [
-                write_run(
-                    out,
-                    figs,
-                    g.maps,
-                    words,
-                    image=g.image,
-                    negative_maps=g.negative_maps,
-                    seed=g.seed,
-                    model=model,
-                    prefix=f"seed{g.seed}",
-                )
-                for g in gens
-            ]
-            sweep, _ = sweep_and_profile(out, figs, [g.maps for g in gens], words, None, model=model)
-            write_report(
-                out,
-                {
-                    "daam_fast_version": _version(),
-                    "command": "ui",
-                    "model": model,
-                    "prompt": prompt,
-                    "negative_prompt": negative,
-                    "words": words,
-                    "seeds": seeds,
-                    "steps": steps,
-                    "size": [width, height],
-                    "guidance_scale": 7.5,
-                    "runs": runs,
-                    "seed_sweep": sweep,
-                    "time_profile": None,
-                    "figures": figs.entries,
-                },
-            )
+            report = session.generate(pipe, request, self.workdir / rid, model=model, command="ui", progress=False)
         url = lambda rel: f"/files/{rid}/{rel}"  # noqa: E731
-        run = runs[0]
+        run, figs = report["runs"][0], report["figures"]
         return {
             "seed": run["seed"],
             "image": url(run["image"]),
-            "words": words,
+            "words": report["words"],
             "overlays": {w: url(p) for w, p in run["overlays"].items()},
-            "overlap": url(figs.entries[f"seed{run['seed']}/overlap"]["path"]),
-            "dominance": url(figs.entries[f"seed{run['seed']}/dominance"]["path"]),
+            "overlap": url(figs[f"seed{run['seed']}/overlap"]["path"]),
+            "dominance": url(figs[f"seed{run['seed']}/dominance"]["path"]),
             "maps": url(run["maps"]),
             "report": url("report.json"),
-            "seed_sweep": url("seed_sweep.png") if sweep else None,
+            "seed_sweep": url("seed_sweep.png") if report["seed_sweep"] else None,
         }
 
 
 def _attr(text: str) -> str:
     return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 _TYPES = {".png": "image/png", ".json": "application/json", ".safetensors": "application/octet-stream"}

@@ -1,8 +1,8 @@
 """Write one figure of each kind into docs/figures/ (for the README).
 
-    PYTHONPATH=. python scripts/make_readme_figures.py [--model PATH_OR_ID] [--out docs/figures]
+    python scripts/make_readme_figures.py [--model PATH_OR_ID] [--out docs/figures]
 
-Without --model it uses daam_fast.testing.tiny_sd_pipeline(): random weights, so the figures show the layout,
+Without --model it uses tests.fixtures.pipelines.tiny_sd_pipeline(): random weights, so the figures show the layout,
 not meaningful attributions (their titles say so). With a real model pass --size 512x512 --steps 30.
 """
 
@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from daam_fast import analysis as A
-from daam_fast import figures as Fg
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # daam_fast and tests.fixtures from this checkout
+
+from daam_fast import analysis as A  # noqa: E402
+from daam_fast import figures as Fg  # noqa: E402
+from daam_fast import generation as G  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
         pipe.set_progress_bar_config(disable=True)
         model = args.model
     else:
-        from daam_fast.testing import tiny_sd_pipeline
+        from tests.fixtures.pipelines import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline()
         model = "tiny random-weight SD (layout demo)"
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(num_inference_steps=args.steps, height=h, width=w)
-    gens = A.run_seed_sweep(pipe, args.prompt, range(args.seeds), **kw)
+    gens = G.run_seed_sweep(pipe, args.prompt, range(args.seeds), **kw)
     gen, gm = gens[0], gens[0].maps
     image = gen.image.resize((256, 256 * h // w))
     written = {
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         "dominance.png": Fg.dominance_figure(A.dominance_map(gm, args.words), image, model=model),
         "seed_sweep.png": Fg.seed_sweep_figure(A.seed_sweep([g.maps for g in gens], args.words), model=model),
     }
-    _, profile = A.trace_time_profile(pipe, args.prompt, 0, args.words, **kw)
+    _, profile = G.trace_time_profile(pipe, args.prompt, 0, args.words, **kw)
     written["time_profile.png"] = Fg.time_profile_figure(profile, model=model)
     for name, fig in written.items():
         size = Fg.save(fig, out / name)

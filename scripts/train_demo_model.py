@@ -246,7 +246,7 @@ def export(folder: Path, vae, unet, text_encoder, scheduler) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTokenizer
 
-    from daam_fast.testing import write_clip_tokenizer_files
+    from tests.fixtures.pipelines import write_clip_tokenizer_files
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +323,7 @@ def main(argv=None) -> None:
     t_start = time.time()
     log(f"args {vars(args)}")
 
-    from daam_fast.testing import clip_tokenizer
+    from tests.fixtures.pipelines import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     images, labels, captions, objects = shapes.make_dataset(args.n_train + args.n_held, args.seed)

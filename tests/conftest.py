@@ -1,7 +1,15 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The tiny-pipeline builders live in tests/fixtures and are imported as `tests.fixtures.pipelines` (as benchmarks
+# and scripts do); `pytest` run as a script does not put the repository root on sys.path.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 # Two shared cores: more threads only add contention.
 torch.set_num_threads(int(os.environ.get("DAAM_FAST_TEST_THREADS", "2")))
@@ -9,13 +17,13 @@ torch.set_num_threads(int(os.environ.get("DAAM_FAST_TEST_THREADS", "2")))
 
 @pytest.fixture(scope="session")
 def sd_pipe():
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     return tiny_sd_pipeline()
 
 
 @pytest.fixture(scope="session")
 def sdxl_pipe():
-    from daam_fast.testing import tiny_sdxl_pipeline
+    from tests.fixtures.pipelines import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()

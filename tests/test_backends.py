@@ -247,7 +247,7 @@ def test_xformers_processor_keeps_xformers_under_tracing(monkeypatch, sd_pipe):
 
 
 def test_fused_qkv_processor_keeps_sdpa_with_lse():
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     with trace(pipe) as tc:

@@ -146,7 +146,7 @@ def test_traced_sd_on_cuda_image_unchanged_and_compiles_without_breaks():
     from torch._dynamo.utils import counters
 
     from daam_fast import trace
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline().to("cuda", torch.float16)
 

@@ -86,7 +86,7 @@ def test_sink_op_reaches_the_sink_and_counts():
 def _compiled_vs_eager(backend):
     from torch._dynamo.utils import counters
 
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     with trace(pipe) as tc:
@@ -120,7 +120,7 @@ def test_compiled_attention_inductor_no_graph_breaks_same_maps():
     UNet under inductor is the opt-in test below: ~14 min of C++ compilation on 2 shared cores.)"""
     from torch._dynamo.utils import counters
 
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline()
     with trace(pipe) as tc:

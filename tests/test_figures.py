@@ -8,8 +8,8 @@ from PIL import Image
 from daam_fast import GlobalHeatMap
 from daam_fast import analysis as A
 from daam_fast import figures as Fg
-from daam_fast.testing import clip_tokenizer
 from daam_fast.tokens import tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer
 
 WORDS = ["red", "circle", "square"]
 

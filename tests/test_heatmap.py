@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from daam_fast import GlobalHeatMap, HeatMapFileError, load
-from daam_fast.testing import clip_tokenizer
 from daam_fast.tokens import WordNotFoundError, tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

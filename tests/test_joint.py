@@ -19,14 +19,14 @@ TOL = dict(rtol=1e-5, atol=1e-7)
 
 @pytest.fixture(scope="module")
 def sd3_pipe():
-    from daam_fast.testing import tiny_sd3_pipeline
+    from tests.fixtures.pipelines import tiny_sd3_pipeline
 
     return tiny_sd3_pipeline()
 
 
 @pytest.fixture(scope="module")
 def flux_pipe():
-    from daam_fast.testing import tiny_flux_pipeline
+    from tests.fixtures.pipelines import tiny_flux_pipeline
 
     return tiny_flux_pipeline()
 
@@ -111,7 +111,7 @@ def test_flux_true_cfg_cond_and_negative_maps(flux_pipe):
     tc, naive = _traced_and_naive(flux_pipe, dict(negative=True), **kw)
     grid = _grid(flux_pipe, 32, 40)
     rec = tc.records[-1]
-    assert rec.true_cfg and rec.steps_seen == 2  # two transformer calls per step, counted as one step
+    assert rec.calls.true_cfg and rec.steps_seen == 2  # two transformer calls per step, counted as one step
     gm = tc.compute_global_heat_map()
     neg = tc.compute_global_heat_map(negative=True)
     assert neg.prompt == NEGATIVE
@@ -251,32 +251,27 @@ def test_flux_words_from_t5_and_normalize(flux_pipe):
     torch.testing.assert_close(norm.heat_maps[inner].sum(0), torch.ones(_grid(flux_pipe, 32, 32)), rtol=1e-4, atol=0)
 
 
-def test_capture_memory_bounded_by_buffer_and_chunk(flux_pipe, monkeypatch):
+def test_capture_memory_bounded_by_buffer_and_chunk(monkeypatch):
     # A Flux-like call: 1024 image tokens (32x32 grid) + 128 text tokens, 4 heads of dim 64. The joint softmax
     # (4 x 1152 x 1152 fp32, 21 MB) and even its image x text block (2 MB) must never exist at once.
     from torch.profiler import ProfilerActivity, profile
 
-    from daam_fast import trace_joint
-    from daam_fast.families import Geometry
+    from daam_fast.accumulate import Accumulator, CaptureOptions, Geometry, capture
     from daam_fast.kernels import dispatch
 
     B, H, T, N, D = 1, 4, 128, 1024, 64
     chunk = 256 * 2**10
     monkeypatch.setattr(
-        trace_joint.dispatch, "capture_from_lse", functools.partial(dispatch.capture_from_lse, max_chunk_bytes=chunk)
+        capture.dispatch, "capture_from_lse", functools.partial(dispatch.capture_from_lse, max_chunk_bytes=chunk)
     )
     torch.manual_seed(0)
     q, k = torch.randn(B, H, T + N, D), torch.randn(B, H, T + N, D)
     lse = torch.logsumexp(q @ k.transpose(-1, -2) / 8, dim=-1)
-    tc = trace(flux_pipe)
-    from daam_fast.trace import Record
-
-    rec = Record()
-    tc.records.append(rec)
-    tc._start_joint_geometry(rec, Geometry((32, 32), B, T, None, 16))
-    rec.steps_seen, rec.call_src, rec.call_dst = 1, rec.rows, slice(0, B)
+    acc = Accumulator(CaptureOptions(), [])
+    acc.begin_call(Geometry((32, 32), B, T, 16))  # a Flux-like call: [text, image], one step
+    rec = acc.records[-1]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        tc.on_joint_attention(0, q, k, lse, slice(T, T + N), slice(0, T), D**-0.5)
+        acc.on_joint_attention(0, q, k, lse, slice(T, T + N), slice(0, T), D**-0.5)
     live = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += e.self_cpu_memory_usage
@@ -285,7 +280,7 @@ def test_capture_memory_bounded_by_buffer_and_chunk(flux_pipe, monkeypatch):
     k_sel = B * H * T * D * 4  # the selected text keys (and their scaled copy), 128 KB each
     assert heat <= peak <= heat + chunk + 2 * k_sel + 2**16, (peak, heat, chunk)
     probs = (q[:, :, T:] @ k[:, :, :T].transpose(-1, -2) / 8 - lse[:, :, T:, None]).exp().sum(1).transpose(1, 2)
-    torch.testing.assert_close(rec.slots["joint"].buf, probs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rec.slots[(32, 32)].buf, probs, rtol=1e-5, atol=1e-7)
 
 
 def test_sd3_without_t5_and_flux_prompt_2(sd3_pipe, flux_pipe):
@@ -322,7 +317,7 @@ def test_unsupported_transformer_is_named():
 def test_bf16_images_identical_and_sd3_maps_close():
     # bf16 on the CPU: SDPA's flash kernel gives the lse too, so images stay identical. SD3 has no RoPE, so the
     # float64 naive sees the model's own bf16 q and k: the kernel tolerance for bf16 applies.
-    from daam_fast.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+    from tests.fixtures.pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
     for make in (tiny_sd3_pipeline, tiny_flux_pipeline):
         pipe = make().to(dtype=torch.bfloat16)

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from daam_fast import GlobalHeatMap, HeatMapFileError, SnapshotBudgetError, UnsupportedPipelineError, load, trace
+from daam_fast.accumulate import snapshot_bytes, step_bytes
 from daam_fast.kernels import dispatch, reference
-from daam_fast.snapshots import snapshot_bytes, step_bytes
-from daam_fast.testing import clip_tokenizer, tiny_sd_pipeline
 from daam_fast.tokens import WordNotFoundError, tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer, tiny_sd_pipeline
 
 PROMPT = "a red circle and a red square"
 _trace_mod = importlib.import_module("daam_fast.trace")  # the module; ``daam_fast.trace`` is the Trace class
@@ -359,7 +359,8 @@ def test_snapshot_estimate_is_exact(request, fixture, mode, size):
         _run(pipe, size=size)
         rec = tc.records[-1]
         actual = sum(s.buf.numel() * s.buf.element_size() for s in rec.slots.values())
-        assert step_bytes(tc, rec.latent_hw, rec.rows.stop - rec.rows.start, 77) == actual
+        acc = tc.accumulator
+        assert step_bytes(acc.options, acc.layers, rec.latent_hw, rec.rows.stop - rec.rows.start, 77) == actual
         if mode.get("mid_block"):
             assert tc.layers[-1].block == "mid" and tc.layers[-1].idx in rec.slots
     with (

@@ -7,7 +7,6 @@ import unicodedata
 
 import pytest
 
-from daam_fast.testing import clip_tokenizer
 from daam_fast.tokens import (
     PromptTokens,
     TruncatedWordError,
@@ -17,6 +16,7 @@ from daam_fast.tokens import (
     tokenize_prompt,
     tokenize_shared,
 )
+from tests.fixtures.pipelines import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

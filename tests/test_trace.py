@@ -195,7 +195,7 @@ def test_no_maps_before_a_step(sd_pipe):
 def test_v_prediction_img2img_and_inpaint(sd_pipe):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-    from daam_fast.testing import tiny_sd_pipeline
+    from tests.fixtures.pipelines import tiny_sd_pipeline
 
     v_pipe = tiny_sd_pipeline(prediction_type="v_prediction")
     with trace(v_pipe) as tc:

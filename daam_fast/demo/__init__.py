@@ -84,7 +84,7 @@ def run_demo(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from daam_fast import trace
+    from ..generation import trace_generation
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,15 +98,12 @@ def run_demo(
         return kw
 
     for n, prompt in enumerate(prompts):
-        with trace(pipe) as tc:
-            out = pipe(
-                prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
-                generator=torch.Generator().manual_seed(seed + n), callback_on_step_end=on_step,
-            )
-            global_map = tc.compute_global_heat_map()
-            words = _words(prompt)
-            maps = {w: global_map.compute_word_heat_map(w) for w in words}
-        image = (out.images[0] * 255).round().clip(0, 255).astype(np.uint8)
+        gen = trace_generation(
+            pipe, prompt, seed + n, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+            callback_on_step_end=on_step,
+        )
+        maps = {w: gen.maps.compute_word_heat_map(w) for w in _words(prompt)}
+        image = (gen.image * 255).round().clip(0, 255).astype(np.uint8)
         files = _plot(plt, out_dir, n, prompt, image, maps)
         heatmaps = {w: m.heatmap.detach().float().cpu() for w, m in maps.items()}
         results.append({"prompt": prompt, "image": image, "heatmaps": heatmaps, "files": files})

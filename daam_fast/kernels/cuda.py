@@ -22,8 +22,8 @@ import threading
 import torch
 
 from . import cuda_build
-from .dispatch import Backend, BackendUnavailable, register_backend
 from .reference import DEFAULT_CHUNK_BYTES
+from .registry import Backend, BackendUnavailable, register_backend
 
 __all__ = [
     "HOW_TO_BUILD",

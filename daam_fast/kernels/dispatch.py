@@ -1,96 +1,37 @@
-"""Backend registry and dispatch for the capture kernels.
+"""Dispatch: every kernel choice of the package is made here.
 
-Each backend declares what it supports and answers ``not_supported_reasons(...) -> list[str]``.
-Dispatch walks the registry in priority order (cuda → triton → torch) and takes the first backend
-with no reasons. A backend forced by argument or by the ``DAAM_FAST_BACKEND`` environment variable
-raises when it cannot run the call; an automatic pick never does (``torch`` runs everything).
+Each backend declares what it supports (:class:`~.registry.Backend`) and answers
+``not_supported_reasons(...) -> list[str]``. Dispatch walks the registry in priority order
+(cuda → triton → torch) and takes the first backend with no reasons. A backend forced by argument or by
+the ``DAAM_FAST_BACKEND`` environment variable raises when it cannot run the call; an automatic pick
+never does (``torch`` runs everything).
+
+The fused attention + capture kernel is a backend capability too (``Backend.fused_attention``, up to
+``Backend.max_fused_keys`` keys): :func:`fused_attention_capture` asks :func:`select_backend` for a backend
+that has it and answers ``None`` when none can run the call, so the caller keeps the model's own attention.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
+from .registry import _REGISTRY, ENV_VAR, Backend, BackendUnavailable, backends, register_backend
 
 __all__ = [
+    "ENV_VAR",
     "Backend",
     "BackendUnavailable",
     "backends",
     "capture_from_lse",
     "capture_self_normalising",
+    "fused_attention_capture",
     "register_backend",
     "select_backend",
 ]
-
-logger = logging.getLogger(__name__)
-
-ENV_VAR = "DAAM_FAST_BACKEND"
-
-
-class BackendUnavailable(RuntimeError):
-    """A forced backend cannot run the given call (the message lists why)."""
-
-
-@dataclass
-class Backend:
-    """A capture-kernel backend.
-
-    ``capture_from_lse`` / ``capture_self_normalising`` have the signatures of the functions of the
-    same name in :mod:`daam_fast.kernels.reference` (``bias`` and ``max_chunk_bytes`` as keywords).
-    ``available`` is called lazily (it may import optional packages) and returns a reason string when
-    the backend cannot be used at all in this process, or ``None``.
-    """
-
-    name: str
-    priority: int
-    capture_from_lse: Callable[..., torch.Tensor]
-    capture_self_normalising: Callable[..., torch.Tensor]
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
-    max_head_dim: int | None = None
-    supports_bias: bool = True
-    supports_per_head: bool = True
-    available: Callable[[], str | None] = field(default=lambda: None)
-    extra_checks: Callable[..., list[str]] | None = None
-
-    def not_supported_reasons(self, q: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> list[str]:
-        """Why this backend cannot run a call on ``q`` ``[B, H, L, D]`` into ``out`` (empty: it can)."""
-        reasons = []
-        why = self.available()
-        if why:
-            return [why]
-        if q.device.type not in self.devices:
-            reasons.append(f"device {q.device.type} not in {self.devices}")
-        if q.dtype not in self.dtypes:
-            reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
-        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
-            reasons.append(f"head dim {q.shape[-1]} > {self.max_head_dim}")
-        if bias is not None and not self.supports_bias:
-            reasons.append("attention bias/mask not supported")
-        if out.dim() == 4 and not self.supports_per_head:
-            reasons.append("per-head output [B, H, T, L] not supported")
-        if self.extra_checks is not None:
-            reasons.extend(self.extra_checks(q, out, bias))
-        return reasons
-
-
-_REGISTRY: dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend) -> None:
-    """Add (or replace) a backend in the registry."""
-    _REGISTRY[backend.name] = backend
-
-
-def backends() -> list[Backend]:
-    """Registered backends, fastest first."""
-    return sorted(_REGISTRY.values(), key=lambda b: -b.priority)
-
 
 register_backend(
     Backend(
@@ -104,45 +45,51 @@ register_backend(
 )
 
 
-def _register_optional_backends() -> None:
-    # Optional backends register themselves on import; a missing dependency (no triton, no built
-    # extension) shows up as that backend's `available()` reason, never as an import error here.
-    for module in ("triton_capture", "cuda"):
-        try:
-            __import__(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module}":
-                raise
+def _forced(backend: str | None) -> str | None:
+    forced = backend or os.environ.get(ENV_VAR) or None
+    if forced is None or forced == "auto":
+        return None
+    if forced not in _REGISTRY:
+        raise ValueError(f"unknown capture backend {forced!r}; valid: {sorted(_REGISTRY)} or 'auto'")
+    return forced
+
+
+def _pick(q, out, bias, forced: str | None, fused_keys: int | None) -> tuple[Backend | None, dict[str, list[str]]]:
+    """The first backend (the forced one only, when given) that can run the call, and why the others cannot."""
+    candidates = [_REGISTRY[forced]] if forced is not None else backends()
+    rejected = {}
+    for b in candidates:
+        reasons = b.not_supported_reasons(q, out, bias, fused_keys=fused_keys)
+        if not reasons:
+            return b, rejected
+        rejected[b.name] = reasons
+    return None, rejected
 
 
 def select_backend(
-    q: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None, backend: str | None = None
+    q: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+    *,
+    fused_keys: int | None = None,
 ) -> Backend:
     """Pick the backend for a call: the forced one (argument, else ``DAAM_FAST_BACKEND``) or the
-    fastest that supports it. Raises :class:`BackendUnavailable` when a forced backend cannot run it,
-    ``ValueError`` for an unknown backend name."""
-    forced = backend or os.environ.get(ENV_VAR) or None
-    if forced is not None and forced != "auto":
-        if forced not in _REGISTRY:
-            raise ValueError(f"unknown capture backend {forced!r}; valid: {sorted(_REGISTRY)} or 'auto'")
-        chosen = _REGISTRY[forced]
-        reasons = chosen.not_supported_reasons(q, out, bias)
-        if reasons:
-            raise BackendUnavailable(
-                f"capture backend {forced!r} was forced but cannot run q{tuple(q.shape)} {q.dtype} on "
-                f"{q.device} into out{tuple(out.shape)}: " + "; ".join(reasons)
-            )
+    fastest that supports it. ``fused_keys``: the call wants fused attention + capture over that many keys
+    (only backends with that capability and limit qualify). Raises :class:`BackendUnavailable` when a forced
+    backend cannot run it or nothing can, ``ValueError`` for an unknown backend name."""
+    forced = _forced(backend)
+    chosen, rejected = _pick(q, out, bias, forced, fused_keys)
+    if chosen is not None:
         return chosen
-    rejected = []
-    for b in backends():
-        reasons = b.not_supported_reasons(q, out, bias)
-        if not reasons:
-            return b
-        rejected.append(f"{b.name}: " + "; ".join(reasons))
-    raise BackendUnavailable(
-        f"no capture backend supports q{tuple(q.shape)} {q.dtype} on {q.device} into out{tuple(out.shape)}:\n  "
-        + "\n  ".join(rejected)
-    )
+    what = f"q{tuple(q.shape)} {q.dtype} on {q.device} into out{tuple(out.shape)}"
+    if fused_keys is not None:
+        what = f"fused attention over {fused_keys} keys for {what}"
+    if forced is not None:
+        reasons = "; ".join(rejected[forced])
+        raise BackendUnavailable(f"capture backend {forced!r} was forced but cannot run {what}: {reasons}")
+    lines = [f"{name}: " + "; ".join(reasons) for name, reasons in rejected.items()]
+    raise BackendUnavailable(f"no capture backend supports {what}:\n  " + "\n  ".join(lines))
 
 
 def capture_from_lse(
@@ -159,6 +106,55 @@ def capture_self_normalising(
     """Dispatching :func:`daam_fast.kernels.reference.capture_self_normalising` (same shapes and dtypes)."""
     b = select_backend(q, out, bias, backend)
     return b.capture_self_normalising(q, k, token_idx, scale, out, bias=bias, max_chunk_bytes=max_chunk_bytes)
+
+
+def fused_attention_capture(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_idx: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    rows: slice | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | None:
+    """Attention output and capture in one kernel, when a backend (the forced one, else any) has that capability.
+
+    Args:
+        q: ``[B, H, L, D]``; k, v: ``[B, H, S, D]``; scale: the softmax scale.
+        token_idx: ``[T]`` int64 key positions to capture.
+        out: fp32 heat buffer ``[R, T, L]`` or ``[R, H, T, L]`` for the traced rows, added to in place.
+        rows: the traced rows of the batch (``R`` of them, default all); the other rows (CFG's unconditional
+            half) go through SDPA without capture.
+        backend: a forced backend name, as for :func:`select_backend`.
+
+    Returns:
+        ``o`` ``[B, H, L, D]`` in ``q``'s dtype, or ``None`` when no backend can fuse this call (nothing was
+        computed; run attention and capture from its lse instead). Never raises for a missing capability.
+    """
+    rows = slice(0, q.shape[0]) if rows is None else rows
+    forced = _forced(backend)
+    chosen, _ = _pick(q, out, None, forced, k.shape[2])
+    if chosen is None:
+        return None
+    traced = chosen.fused_attention(q[rows], k[rows], v[rows], token_idx, scale, out)
+    if rows.start == 0 and rows.stop == q.shape[0]:
+        return traced
+    parts = [traced]
+    if rows.start > 0:
+        head = slice(0, rows.start)
+        parts.insert(0, F.scaled_dot_product_attention(q[head], k[head], v[head], scale=scale))
+    if rows.stop < q.shape[0]:
+        tail = slice(rows.stop, q.shape[0])
+        parts.append(F.scaled_dot_product_attention(q[tail], k[tail], v[tail], scale=scale))
+    return torch.cat([p.to(parts[0].dtype) for p in parts])
+
+
+def _register_optional_backends() -> None:
+    # Optional backends register themselves on import; a missing dependency (no triton, no built
+    # extension) shows up as that backend's `available()` reason, never as an import error here.
+    from . import cuda, triton_backend  # noqa: F401
 
 
 _register_optional_backends()

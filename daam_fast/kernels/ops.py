@@ -5,7 +5,7 @@ graph breaks.
   entry points of :mod:`daam_fast.kernels.dispatch` (whatever backend they pick: the Triton / CUDA
   modules may register ops of their own for their kernels; these stay generic). Both mutate ``out``.
 - ``daam_fast::sink_attention`` hands one attention call's ``q``, ``k`` and ``lse`` to a capture sink
-  (the tracer). Inside a compiled graph it is one opaque node: the tracer's bookkeeping (which step,
+  (the tracer's accumulator). Inside a compiled graph it is one opaque node: the tracer's bookkeeping (which step,
   which record, buffer allocation, token selection) runs in Python when the node executes, so it
   neither breaks the graph nor puts guards on per-step Python state (no recompiles per step). It
   mutates ``calls`` (a per-processor counter) so that the compiler keeps it although it returns

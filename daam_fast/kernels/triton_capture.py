@@ -1,12 +1,12 @@
-"""Triton capture kernel from the row logsumexp, the shared launch helpers, and the ``triton`` backend.
+"""Triton capture kernel from the row logsumexp and the shared launch helpers.
 
 ``capture_from_lse`` adds ``Σ_h exp(scale·q·k_selᵀ + bias − lse)`` into the fp32 heat buffer. Each
 program owns a block of queries × a block of selected tokens of one image, loops over all heads,
 sums in registers and does one load + add + store per buffer cell: no atomics, deterministic.
 The self-normalising and fused attention + capture kernels live in :mod:`.triton_fused`.
 
-Triton is optional: when it cannot be imported this module still imports, the backend registers
-itself with the import error as its ``available()`` reason, and nothing here can be launched.
+Triton is optional: when it cannot be imported this module still imports, the ``triton`` backend
+(:mod:`.triton_backend`) gives the import error as its ``available()`` reason, and nothing here can be launched.
 Kernels run on CUDA tensors; with ``TRITON_INTERPRET=1`` set **before this module is imported**
 they run in Triton's interpreter, on CPU tensors too (that is how the tests run them).
 """
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from .dispatch import Backend, register_backend
 
 try:
     import triton
@@ -260,7 +259,7 @@ def capture_from_lse(
     return out
 
 
-# --- torch.library ops (so torch.compile sees the kernels as opaque ops) and the dispatcher backend ---
+# --- torch.library ops (so torch.compile sees the kernels as opaque ops) ---
 
 if TRITON_IMPORT_ERROR is None:
 
@@ -274,43 +273,3 @@ if TRITON_IMPORT_ERROR is None:
     @_capture_from_lse_op.register_fake
     def _(q, k_sel, lse, scale, out, bias=None) -> None:
         return None
-
-
-def _backend_capture_from_lse(q, k_sel, lse, scale, out, *, bias=None, max_chunk_bytes=None):
-    # Eager calls go straight to the launcher (the custom-op dispatch costs tens of µs per call, a
-    # sizeable share of a capture kernel); under torch.compile the registered op keeps graphs whole.
-    if torch.compiler.is_compiling():
-        torch.ops.daam_fast.triton_capture_from_lse(q, k_sel, lse, scale, out, bias)
-        return out
-    return capture_from_lse(q, k_sel, lse, scale, out, bias=bias)
-
-
-def _backend_capture_self_normalising(q, k, token_idx, scale, out, *, bias=None, max_chunk_bytes=None):
-    # Imported here, not at the top: triton_fused imports this module (no import cycle at load time).
-    from . import triton_fused
-
-    if torch.compiler.is_compiling():
-        torch.ops.daam_fast.triton_capture_self_normalising(q, k, token_idx, scale, out, bias)
-        return out
-    return triton_fused.capture_self_normalising(q, k, token_idx, scale, out, bias=bias)
-
-
-def _extra_checks(q: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> list[str]:
-    return [] if out.dtype == torch.float32 else [f"out dtype {out.dtype} (the Triton kernels add into float32)"]
-
-
-register_backend(
-    Backend(
-        name="triton",
-        priority=10,
-        capture_from_lse=_backend_capture_from_lse,
-        capture_self_normalising=_backend_capture_self_normalising,
-        devices=("cuda", "cpu") if INTERPRET else ("cuda",),
-        dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        max_head_dim=MAX_HEAD_DIM,
-        supports_bias=True,
-        supports_per_head=True,
-        available=lambda: TRITON_IMPORT_ERROR,
-        extra_checks=_extra_checks,
-    )
-)

@@ -29,7 +29,7 @@ __all__ = ["FluxCaptureProcessor", "JointCaptureSink", "SD3JointCaptureProcessor
 
 
 class JointCaptureSink(Protocol):
-    """Receives every joint-attention call of a traced transformer (implemented by the tracer)."""
+    """Receives every joint-attention call of a traced transformer (the tracer's accumulator)."""
 
     def on_joint_attention(
         self,
@@ -88,7 +88,7 @@ class SD3JointCaptureProcessor:
 
     Args:
         original: the installed processor (restored by the tracer on exit).
-        sink: the tracer.
+        sink: the capture sink (the tracer's accumulator).
         layer_idx: this module's index in the tracer's layer list.
     """
 
@@ -206,7 +206,7 @@ class FluxCaptureProcessor:
 
     Args:
         original: the installed processor (restored by the tracer on exit).
-        sink: the tracer.
+        sink: the capture sink (the tracer's accumulator).
         layer_idx: this module's index in the tracer's layer list.
     """
 

@@ -34,7 +34,7 @@ __all__ = ["CaptureSink", "UNetCrossAttnCaptureProcessor"]
 
 
 class CaptureSink(Protocol):
-    """Receives every cross-attention call of a traced model (implemented by the tracer)."""
+    """Receives every cross-attention call of a traced model (the tracer's accumulator)."""
 
     def on_attention(
         self,
@@ -47,6 +47,13 @@ class CaptureSink(Protocol):
     ) -> None:
         """``q [B, H, L, D]``, ``k [B, H, S, D]``, ``lse [B, H, L]`` fp32 or None, ``bias`` broadcastable
         to ``[B, H, L, S]`` or None."""
+
+    def fused_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor | None:
+        """Attention output ``[B, H, L, D]`` in ``q``'s dtype with this call's capture done in the same kernel,
+        or None (nothing done: the processor computes attention itself and calls :meth:`on_attention`).
+        ``q [B, H, L, D]``, ``k``/``v`` ``[B, H, S, D]``; called only without a mask and outside torch.compile."""
 
 
 def _prepare_mask(attn: Attention, attention_mask, sequence_length: int, batch_size: int):
@@ -135,9 +142,8 @@ class UNetCrossAttnCaptureProcessor:
             key = attn.norm_k(key)
 
         hidden_states = None
-        fused = getattr(self.sink, "fused_attention", None)
-        if fused is not None and attention_mask is None and not torch.compiler.is_compiling():
-            hidden_states = fused(self.layer_idx, query, key, value, head_dim**-0.5)
+        if attention_mask is None and not torch.compiler.is_compiling():
+            hidden_states = self.sink.fused_attention(self.layer_idx, query, key, value, head_dim**-0.5)
         if hidden_states is None:
             hidden_states, lse = attention_with_lse(query, key, value, attn_mask=attention_mask)
             self._emit(query, key, lse, mask_to_bias(attention_mask, torch.float32), head_dim**-0.5)

@@ -1,0 +1,360 @@
+"""The front-end session: what ``daam-fast generate``, ``analyze`` and ``ui`` share (and ``batch`` will).
+
+- A :class:`Request` (prompt, seeds, size, steps, guidance, words), checked by :func:`make_request` before any
+  model is loaded; bad values raise :class:`UsageError` naming the option and what is valid.
+- :func:`load_pipeline`: a diffusers pipeline folder (or hub id) on a device.
+- :func:`prompt_sources` / :func:`check_words`: the prompt's words as the model family's own text sources
+  (tokenizers and positions) give them, so every family is handled alike (SD 1.x/2.x, SDXL, SD3, Flux).
+- :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
+  :func:`analyze`: the same analysis on saved maps. Both build the report in one place
+  (:func:`daam_fast.report.build_report`) and return it.
+
+Nothing here prints or changes global state (threads, logging): the front ends decide what the user sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import analysis as A
+from . import families
+from .families.base import call_default
+from .generation import trace_generation, trace_time_profile
+from .heatmap import GlobalHeatMap, HeatMapFileError
+from .report import FigureSet, build_report, sweep_and_profile, write_report, write_run
+from .tokens import PromptTokens, WordNotFoundError
+
+__all__ = [
+    "Request",
+    "UsageError",
+    "analyze",
+    "check_words",
+    "generate",
+    "load_pipeline",
+    "make_request",
+    "parse_seeds",
+    "parse_size",
+    "pipe_kwargs",
+    "prompt_sources",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A bad argument or request: front ends answer it with its one-line message (exit code 2, HTTP 400)."""
+
+
+# ----------------------------------------------------------------------------------------------------- requests
+@dataclass(frozen=True)
+class Request:
+    """One generation request: ``prompt`` over ``seeds`` at ``size`` (width, height) with ``steps`` denoising
+    steps. ``guidance_scale`` None: the pipeline's own default; ``words`` None: every prompt word;
+    ``time_profile``: trace the first seed step by step. ``option_prefix`` is how errors name the request's
+    fields (``--seeds`` on the command line, ``seeds`` in the web UI)."""
+
+    prompt: str
+    seeds: tuple[int, ...]
+    steps: int
+    size: tuple[int, int]
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    words: tuple[str, ...] | None = None
+    time_profile: bool = False
+    option_prefix: str = "--"
+
+    def option(self, name: str) -> str:
+        """How errors name field ``name`` (``negative_prompt`` -> ``--negative-prompt`` on the command line)."""
+        return _option(self.option_prefix, name)
+
+
+def _option(prefix: str, name: str) -> str:
+    return prefix + (name.replace("_", "-") if prefix else name)
+
+
+def parse_seeds(text: str, *, what: str = "--seeds", limit: int = 1000) -> list[int]:
+    """``"3"``, ``"0-7"`` or ``"1,4,9"`` as distinct seeds in order; at most ``limit`` of them."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UsageError(f"{what} {text!r}: expected e.g. 0, 0-7 or 1,4,9 (non-negative integers)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"{what} {text!r}: range {part} is empty (end before start)")
+        seeds.extend(range(lo, hi + 1))
+    seeds = list(dict.fromkeys(seeds))
+    if len(seeds) > limit:
+        raise UsageError(f"{what} {text!r}: {len(seeds)} seeds is more than {limit}")
+    return seeds
+
+
+def parse_size(text: str, *, what: str = "--size") -> tuple[int, int]:
+    """``"WIDTHxHEIGHT"`` (multiples of 8) as ``(width, height)``."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise UsageError(f"{what} {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
+    width, height = int(m.group(1)), int(m.group(2))
+    if width % 8 or height % 8:  # diffusers' SD / SDXL pipelines refuse other sizes
+        raise UsageError(f"{what} {text!r}: width and height must be multiples of 8")
+    return width, height
+
+
+def parse_steps(value, *, what: str = "--steps") -> int:
+    """Denoising steps, at least 1."""
+    try:
+        steps = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {value!r}: expected a whole number of steps") from None
+    if steps < 1:
+        raise UsageError(f"{what} {steps}: must be at least 1")
+    return steps
+
+
+def make_request(
+    prompt: str,
+    *,
+    seeds: str = "0",
+    size: str = "512x512",
+    steps=30,
+    negative_prompt: str | None = None,
+    guidance_scale: float | None = None,
+    words: Sequence[str] | None = None,
+    time_profile: bool = False,
+    option_prefix: str = "--",
+    max_seeds: int = 1000,
+) -> Request:
+    """A checked :class:`Request` from a front end's values (seeds and size as text). Raises :class:`UsageError`
+    naming the bad option (``option_prefix`` + its name) and what is valid."""
+
+    def option(name):
+        return _option(option_prefix, name)
+
+    prompt = str(prompt or "")
+    if not prompt.strip():
+        raise UsageError(f"{option('prompt')} is empty")
+    steps = parse_steps(steps, what=option("steps"))
+    seed_list = parse_seeds(seeds, what=option("seeds"), limit=max_seeds)
+    width, height = parse_size(size, what=option("size"))
+    return Request(
+        prompt=prompt,
+        seeds=tuple(seed_list),
+        steps=steps,
+        size=(width, height),
+        negative_prompt=(str(negative_prompt).strip() or None) if negative_prompt is not None else None,
+        guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        words=None if words is None else tuple(words),
+        time_profile=bool(time_profile),
+        option_prefix=option_prefix,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+def _looks_local(model: str) -> bool:
+    # A hub id is "name" or "org/name"; anything path-like that does not exist is a missing folder.
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def load_pipeline(model: str, device: str = "auto", *, quiet: bool = False, what: str = "--model"):
+    """A diffusers pipeline from a local folder or a hub id, on ``device`` (``auto``: CUDA when available, in fp16;
+    else the CPU in fp32). Raises :class:`UsageError` for a missing folder or one that is no pipeline, and
+    ``RuntimeError`` when loading fails."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UsageError(f"{what} {model!r}: the folder has no model_index.json (not a diffusers pipeline folder)")
+    if not path.exists() and _looks_local(model):
+        raise UsageError(f"{what} {model!r}: no such folder")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
+    except Exception as exc:
+        logger.debug("loading %s failed", model, exc_info=True)
+        hint = "" if path.exists() else " (a hub id needs network access or a local cache; or pass a local folder)"
+        raise RuntimeError(f"could not load model {model!r}: {type(exc).__name__}: {exc}{hint}") from exc
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(desc="steps", leave=False, disable=quiet)
+    return pipe
+
+
+def prompt_sources(pipe, prompt: str) -> list[families.TextSource]:
+    """The prompt's tokens as the pipeline's model family splits them (its text sources: CLIP for UNets,
+    CLIP and T5 for SD3, T5 for Flux), at the pipeline's default text length. Raises :class:`UsageError` when
+    the pipeline cannot be traced."""
+    try:
+        family = families.detect(pipe)
+    except families.UnsupportedPipelineError as exc:
+        raise UsageError(f"cannot trace this model: {exc}") from None
+    return family.text_sources(pipe, prompt)
+
+
+def check_words(pipe, prompt: str, words: Sequence[str] | None, *, what: str = "--words") -> list[str] | None:
+    """``words`` when each is in the prompt through at least one of the family's text sources, else a
+    :class:`UsageError` naming the word and the prompt's words; None stays None (every word)."""
+    if words is None:
+        return None
+    return _words_in([s.tokens for s in prompt_sources(pipe, prompt)], words, what)
+
+
+def _words_in(token_lists: Sequence[PromptTokens], words: Sequence[str], what: str) -> list[str]:
+    """``words``, each checked to be in at least one of ``token_lists`` (else :class:`UsageError`)."""
+    for word in words:
+        errors = []
+        for tokens in token_lists:
+            try:
+                tokens.positions(word)
+                break
+            except (WordNotFoundError, ValueError) as exc:
+                errors.append(exc)
+        else:
+            raise UsageError(f"{what}: {errors[0]}")
+    return list(words)
+
+
+def pipe_kwargs(pipe, request: Request) -> dict:
+    """The pipeline call's arguments for ``request``, ``guidance_scale`` always explicit (the pipeline's own
+    default when the request has none), so the report records what ran."""
+    kw = dict(num_inference_steps=request.steps, width=request.size[0], height=request.size[1])
+    guidance = request.guidance_scale if request.guidance_scale is not None else call_default(pipe, "guidance_scale")
+    if guidance is not None:
+        kw["guidance_scale"] = float(guidance)
+    if request.negative_prompt:
+        kw["negative_prompt"] = request.negative_prompt
+    return kw
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def generate(
+    pipe, request: Request, out: Path, *, model: str, command: str = "generate", progress: bool = True
+) -> dict:
+    """Run ``request`` on ``pipe`` (one traced generation per seed; the first step by step when
+    ``request.time_profile``), write images, maps, overlays and figures under ``out`` (``seed<S>/...``) and
+    ``out/report.json``; return the report (fields: :data:`daam_fast.report.REPORT_FIELDS`). ``model`` names the
+    model in the report and figures. The words are checked before anything is generated or written."""
+    from tqdm.auto import tqdm
+
+    words = check_words(pipe, request.prompt, request.words, what=request.option("words"))
+    kw = pipe_kwargs(pipe, request)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = FigureSet(out)
+    runs, maps, profile = [], [], None
+    for i, seed in enumerate(tqdm(request.seeds, desc="seeds", unit="seed", disable=not progress)):
+        if i == 0 and request.time_profile:
+            gen, profile = trace_time_profile(pipe, request.prompt, seed, words, **kw)
+        else:
+            gen = trace_generation(pipe, request.prompt, seed, **kw)
+        chosen = words or A.prompt_words(gen.maps)
+        run = write_run(
+            out,
+            figs,
+            gen.maps,
+            chosen,
+            image=gen.image,
+            negative_maps=gen.negative_maps,
+            seed=seed,
+            model=model,
+            prefix=f"seed{seed}",
+        )
+        runs.append(run)
+        maps.append(gen.maps)
+    chosen = words or A.prompt_words(maps[0])
+    sweep, tp = sweep_and_profile(out, figs, maps, chosen, profile, model=model)
+    return _report(
+        out,
+        command,
+        figs,
+        runs=runs,
+        seed_sweep=sweep,
+        time_profile=tp,
+        model=model,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        words=chosen,
+        seeds=list(request.seeds),
+        steps=request.steps,
+        size=list(request.size),
+        guidance_scale=kw.get("guidance_scale"),
+    )
+
+
+def analyze(
+    paths: Sequence[str | Path], out: Path, *, words: Sequence[str] | None = None, image=None, what: str = "--words"
+) -> dict:
+    """The analysis and figures of saved maps files (several: a seed sweep) into ``out``, with ``report.json``
+    (``command: analyze``); returns the report. Overlays use ``image`` (one maps file only) or the
+    ``image.png`` next to each maps file. Bad files or words raise :class:`UsageError` (``what`` names the words'
+    option)."""
+    from PIL import Image
+
+    loaded = []
+    for f in paths:
+        p = Path(f)
+        if not p.is_file():
+            raise UsageError(f"{f}: no such file")
+        try:
+            loaded.append(GlobalHeatMap.load(p))
+        except HeatMapFileError as exc:
+            raise UsageError(str(exc)) from None
+    prompts = {g.prompt for g in loaded}
+    if len(prompts) > 1:
+        raise UsageError(f"the maps files have different prompts {sorted(prompts)}; analyse them one at a time")
+    if words is not None:
+        words = _words_in([loaded[0].tokens], words, what)
+    shapes = {tuple(g.heat_maps.shape[1:]) for g in loaded}
+    if len(shapes) > 1:
+        raise UsageError(f"the maps files have different latent sizes {sorted(shapes)}")
+    if image and len(loaded) > 1:
+        raise UsageError("--image works with one maps file; with several, each uses the image.png next to it")
+    if image and not Path(image).is_file():
+        raise UsageError(f"--image {image}: no such file")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = words if words is not None else A.prompt_words(loaded[0])
+    figs = FigureSet(out)
+    runs = []
+    for i, gm in enumerate(loaded):
+        image_path = Path(image) if image else Path(paths[i]).parent / "image.png"
+        picture = Image.open(image_path).convert("RGB") if image_path.is_file() else None
+        prefix = f"map{i}" if len(loaded) > 1 else ""
+        name = gm.meta.get("model_name") or gm.meta.get("model")
+        run = write_run(
+            out, figs, gm, chosen, image=picture, seed=gm.meta.get("seed"), model=name, prefix=prefix, save_maps=False
+        )
+        run["maps"] = str(paths[i])
+        runs.append(run)
+    meta = loaded[0].meta
+    sweep, tp = sweep_and_profile(out, figs, loaded, chosen, None, model=meta.get("model_name"))
+    size = meta.get("image_size")
+    return _report(
+        out,
+        "analyze",
+        figs,
+        runs=runs,
+        seed_sweep=sweep,
+        time_profile=tp,
+        model=meta.get("model_name") or meta.get("model"),
+        prompt=loaded[0].prompt,
+        negative_prompt=None,
+        words=chosen,
+        seeds=[g.meta.get("seed") for g in loaded],
+        steps=meta.get("steps"),
+        size=None if size is None else [size[1], size[0]],
+        guidance_scale=None,
+    )
+
+
+def _report(out: Path, command: str, figs: FigureSet, **fields) -> dict:
+    """Build the report (with every figure written so far) and write it to ``out/report.json``."""
+    report = build_report(command, **fields, figures=figs.entries)
+    write_report(out, report)
+    return report

@@ -92,7 +92,7 @@ def test_the_tracer_reaches_the_fused_kernel_only_through_dispatch(sd_pipe, fuse
     assert fused_backend == []
     unfused, _ = _maps(sd_pipe, backend="fakefused", fused=False)
     assert fused_backend == []
-    got, fused_image = _maps(sd_pipe, backend="fakefused")
+    got, fused_image = _maps(sd_pipe, backend="fakefused", fused=True)
     assert fused_backend and set(fused_backend) == {1}  # CFG: the conditional row fused, the other through SDPA
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(unfused, expected, rtol=1e-5, atol=1e-7)

@@ -22,7 +22,7 @@ import torch
 
 from .heatmap import GlobalHeatMap, load
 
-__all__ = ["GENERATION_FILE", "GenerationExperiment", "set_seed"]
+__all__ = ["GENERATION_FILE", "GenerationExperiment", "as_pil", "set_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,22 @@ def set_seed(seed: int, device: str | torch.device | None = None) -> torch.Gener
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def as_pil(image):
+    """``image`` as a PIL image: a PIL image as it is; an ``[H, W, C]`` array or a ``[C, H, W]`` tensor (what
+    diffusers' ``output_type="np"`` / ``"pt"`` give per image), uint8 or float in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().permute(1, 2, 0).numpy()
+    arr = np.asarray(image)
+    if not np.issubdtype(arr.dtype, np.integer):
+        arr = (arr.astype(np.float32).clip(0, 1) * 255).round()
+    arr = arr.astype(np.uint8)
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
 def _mask_png(mask: torch.Tensor):
@@ -140,7 +156,7 @@ class GenerationExperiment:
         folder.mkdir(parents=True, exist_ok=True)
         gm = self.heat_map(tokenizer)
         gm.save(folder / GENERATION_FILE, experiment={"seed": self.seed, "id": self.id, "subtype": self.subtype})
-        self.image.save(folder / "output.png")
+        as_pil(self.image).save(folder / "output.png")
         (root / "prompt.txt").write_text(self.prompt, encoding="utf-8")
         (root / "seed.txt").write_text(str(self.seed), encoding="utf-8")
         for name, mask in (self.truth_masks or {}).items():

@@ -9,8 +9,8 @@ from PIL import Image
 
 from daam_fast import GenerationExperiment, GlobalHeatMap, HeatMapFileError, set_seed
 from daam_fast.experiment import GENERATION_FILE
-from daam_fast.testing import clip_tokenizer
 from daam_fast.tokens import WordNotFoundError, tokenize_prompt
+from tests.fixtures.pipelines import clip_tokenizer
 
 PROMPT = "a red hippopotamus, a blue cat"
 

@@ -300,6 +300,7 @@ class Trace:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 bound = {}
+            self._images = None  # a new call: the last image is this call's (none for output_type="latent")
             self.accumulator.begin_record(
                 bound.get("prompt"),
                 bound.get("negative_prompt"),

@@ -378,8 +378,9 @@ class Trace:
             layer_idx: one layer only (needs ``per_layer=True`` or ``daam_compat=True``). A selection that
                 matches no maps or was not opted into raises :class:`~daam_fast.HeatMapSelectionError`, a
                 ``RuntimeError`` as daam's (its scripts catch that while looping over layers and heads).
-            normalize: divide each pixel by the sum over prompt tokens (start and end tokens excluded): the
-                prompt tokens' maps then sum to 1 where any of them is above 0, and are 0 elsewhere.
+            normalize: divide each pixel by ``S + 1e-6``, ``S`` the sum of the prompt tokens' maps there (start
+                and end tokens excluded; ``S >= 0``, as the maps are): those maps then sum to ``S / (S + 1e-6)``,
+                at most 1.
             image_idx: which image of the call (default: the mean over all images, which must share a prompt).
             negative: the negative prompt's maps (needs ``trace(..., negative=True)`` and CFG).
             record: which pipeline call (default the last).

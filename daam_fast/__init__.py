@@ -9,19 +9,23 @@
 
 import logging
 
-from .heatmap import GlobalHeatMap, HeatMapFileError, WordHeatMap, load
+from .experiment import GenerationExperiment, set_seed
+from .heatmap import GlobalHeatMap, HeatMapFileError, HeatMapSelectionError, WordHeatMap, load
 from .trace import Record, SnapshotBudgetError, Trace, UnsupportedPipelineError, trace
 from .version import __version__ as __version__
 
 __all__ = [
+    "GenerationExperiment",
     "GlobalHeatMap",
     "HeatMapFileError",
+    "HeatMapSelectionError",
     "Record",
     "SnapshotBudgetError",
     "Trace",
     "UnsupportedPipelineError",
     "WordHeatMap",
     "load",
+    "set_seed",
     "trace",
 ]
 

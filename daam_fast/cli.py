@@ -6,9 +6,10 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from . import session
+from . import loading, session
 from .session import UsageError
 
 __all__ = ["main"]
@@ -38,6 +39,9 @@ examples:
   daam-fast generate --model ./my-sd-folder --prompt "a red circle and a blue square" --words red circle
   daam-fast generate --model runwayml/stable-diffusion-v1-5 --prompt "a cat on a sofa" \\
       --negative-prompt "blurry" --seeds 0-7 --steps 30 --size 512x512 --out cat-run
+  daam-fast generate --model ./dreamshaper_8.safetensors --config ./sd15-configs --offload model \
+      --prompt "a castle on a hill"      (a WebUI-style single-file checkpoint, offline)
+  daam-fast generate --model demo --prompt "a red circle and a blue square"   (the shipped demo model)
   daam-fast analyze cat-run/seed0/maps.safetensors --words cat sofa --out cat-analysis
 
 outputs (paths relative to --out):
@@ -65,13 +69,36 @@ exit codes: 0 ok, 2 bad arguments (one-line message), 1 runtime failure (model f
 """
 
 
-def _quiet_diffusers(quiet: bool) -> None:
-    # The command decides what its user sees: diffusers' loading chatter is not for a command-line user.
+def _quiet_third_party(quiet: bool) -> None:
+    # The command decides what its user sees. Other libraries' notices a command-line user cannot act on
+    # (transformers: "CLIPImageProcessor requires torchvision", logged when diffusers' pipelines are imported;
+    # diffusers' loading chatter) stay out of the console; errors still show. Set before diffusers is imported.
+    warnings.filterwarnings("ignore", module=r"(diffusers|transformers|huggingface_hub|accelerate)(\.|$)")
     from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
-    dlogging.set_verbosity_error()
-    if quiet:
-        dlogging.disable_progress_bar()
+    for lib in (tlogging, dlogging):
+        lib.set_verbosity_error()
+        if quiet:
+            lib.disable_progress_bar()
+
+
+def _size(args: argparse.Namespace) -> str:
+    """``--size``, by default the model's own: 32x32 for the demo model (what it was trained at), else 512x512."""
+    return args.size or ("32x32" if args.model == loading.DEMO else "512x512")
+
+
+def _load(args: argparse.Namespace, **kw):
+    """The pipeline of ``--model`` with the model options of :func:`_model_options`."""
+    return session.load_pipeline(
+        args.model,
+        args.device,
+        dtype=args.dtype,
+        config=args.config,
+        offload=args.offload,
+        vae_tiling=args.vae_tiling,
+        **kw,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -81,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
     request = session.make_request(
         args.prompt,
         seeds=args.seeds,
-        size=args.size,
+        size=_size(args),
         steps=args.steps,
         negative_prompt=args.negative_prompt,
         guidance_scale=args.guidance_scale,
@@ -89,8 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
         time_profile=not args.no_time_profile,
     )
     torch.set_num_threads(args.threads)
-    _quiet_diffusers(args.quiet)
-    pipe = session.load_pipeline(args.model, args.device, quiet=args.quiet)
+    pipe = _load(args, quiet=args.quiet)
     report = session.generate(pipe, request, Path(args.out), model=args.model, progress=not args.quiet)
     if not args.quiet:
         path = Path(args.out) / "report.json"
@@ -109,19 +135,23 @@ def _ui(args: argparse.Namespace) -> int:
 
     from .ui import make_server
 
-    session.parse_size(args.size)
+    size = _size(args)
+    session.parse_size(size)
     session.parse_steps(args.steps)
     torch.set_num_threads(args.threads)
-    _quiet_diffusers(quiet=True)
+    if args.config is not None and not Path(args.model).expanduser().is_file():
+        raise UsageError("--config applies to single-file checkpoints (.safetensors / .ckpt) only")
+    options = dict(dtype=args.dtype, config=args.config, offload=args.offload, vae_tiling=args.vae_tiling)
     try:
         server = make_server(
             args.host,
             args.port,
             model=args.model,
             steps=args.steps,
-            size=args.size,
+            size=size,
             device=args.device,
             workdir=args.workdir,
+            load_options=options,
         )
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
@@ -136,6 +166,25 @@ def _ui(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+MODEL_HELP = (
+    "diffusers pipeline folder, hub id (needs network), a single-file checkpoint (.safetensors / .ckpt: SD 1.x/2.x "
+    "or SDXL, as WebUIs use them), or 'demo' (the demo model shipped with daam_fast)"
+)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """Where the model's weights run: device, dtype, offload, VAE tiling, and configs for single files."""
+    p.add_argument("--config", default=None, help="with a single-file --model: a diffusers folder of the same kind "
+                   "of model (configs and tokenizers; no weights needed) to load it offline")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=loading.DTYPES,
+                   help="weights' dtype (default auto: on CUDA fp16 for SD/SDXL, bf16 for SD3/Flux; on the CPU fp32)")
+    p.add_argument("--offload", default=None, choices=loading.OFFLOAD_MODES,
+                   help="keep weights on the CPU and move each model (model) or each layer (sequential, slowest, "
+                   "least memory) to the GPU when it runs; needs accelerate")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (less memory at large sizes)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,13 +229,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=REPORT_EPILOG,
         formatter_class=raw,
     )
-    g.add_argument("--model", required=True, help="local diffusers pipeline folder or hub id (needs network)")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None, help="also trace and analyse the negative prompt's words")
     g.add_argument("--words", nargs="+", default=None, help="words to analyse (default: every prompt word)")
     g.add_argument("--seeds", default="0", help="seeds: 3, 0-7 or 1,4,9 (default 0)")
     g.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    g.add_argument("--size", default="512x512", help="image WIDTHxHEIGHT, multiples of 8 (default 512x512)")
+    g.add_argument(
+        "--size", default=None, help="image WIDTHxHEIGHT, multiples of 8 (default 512x512; the demo model: 32x32)"
+    )
     g.add_argument(
         "--guidance-scale",
         type=float,
@@ -194,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
         help="classifier-free guidance (default: the pipeline's own: SD 7.5, SDXL 5.0, SD3 7.0, Flux 3.5)",
     )
     g.add_argument("--out", default="daam-out", help="output folder (default daam-out)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    _model_options(g)
     g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     g.add_argument("--no-time-profile", action="store_true", help="skip the per-step maps of the first seed")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -222,17 +273,21 @@ def _parser() -> argparse.ArgumentParser:
         "ui",
         help="a local web page: prompt in, image, clickable word overlays, overlap and dominance out",
         description="Serve the daam-fast web UI (standard library http.server; no extra packages).",
-        epilog="examples:\n  daam-fast ui --model ./my-sd-folder\n  daam-fast ui --model ./my-sd-folder --port 8080 "
+        epilog="examples:\n  daam-fast ui                (the demo model)\n  daam-fast ui --model ./my-sd-folder\n"
+        "  daam-fast ui --model ./dreamshaper_8.safetensors --config ./sd15-configs --offload model\n"
+        "  daam-fast ui --model ./my-sd-folder --port 8080 "
         "--steps 10 --size 256x256\n\nListens on 127.0.0.1 only unless --host says otherwise. Outputs of each "
         "request\n(the same files as `daam-fast generate`) go under --workdir (default: a new temp folder).",
         formatter_class=raw,
     )
-    u.add_argument("--model", default="", help="default model of the page (folder or hub id)")
+    u.add_argument("--model", default=loading.DEMO, help=f"default model of the page: {MODEL_HELP} (default: demo)")
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     u.add_argument("--steps", type=int, default=20, help="default steps of the page (default 20)")
-    u.add_argument("--size", default="512x512", help="default WIDTHxHEIGHT of the page (default 512x512)")
-    u.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    u.add_argument(
+        "--size", default=None, help="default WIDTHxHEIGHT of the page (default 512x512; the demo model: 32x32)"
+    )
+    _model_options(u)
     u.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     u.add_argument("--workdir", default=None, help="folder for the outputs (default: a new temp folder)")
     u.set_defaults(func=_ui)
@@ -250,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command != "analyze":  # demo and ui show their own progress, not the libraries' loading bars
+            _quiet_third_party(args.command in ("demo", "ui") or args.quiet)
         return args.func(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 - A :class:`Request` (prompt, seeds, size, steps, guidance, words), checked by :func:`make_request` before any
   model is loaded; bad values raise :class:`UsageError` naming the option and what is valid.
-- :func:`load_pipeline`: a diffusers pipeline folder (or hub id) on a device.
+- :func:`load_pipeline` (from :mod:`daam_fast.loading`): a diffusers folder, hub id, the demo model or a
+  single-file checkpoint, in the model family's dtype, optionally offloaded.
 - :func:`prompt_sources` / :func:`check_words`: the prompt's words as the model family's own text sources
   (tokenizers and positions) give them, so every family is handled alike (SD 1.x/2.x, SDXL, SD3, Flux).
 - :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
@@ -25,6 +26,7 @@ from . import families
 from .families.base import call_default
 from .generation import trace_generation, trace_time_profile
 from .heatmap import GlobalHeatMap, HeatMapFileError
+from .loading import UsageError, load_pipeline
 from .report import FigureSet, build_report, sweep_and_profile, write_report, write_run
 from .tokens import PromptTokens, WordNotFoundError
 
@@ -43,10 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """A bad argument or request: front ends answer it with its one-line message (exit code 2, HTTP 400)."""
 
 
 # ----------------------------------------------------------------------------------------------------- requests
@@ -152,38 +150,6 @@ def make_request(
         time_profile=bool(time_profile),
         option_prefix=option_prefix,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- pipelines
-def _looks_local(model: str) -> bool:
-    # A hub id is "name" or "org/name"; anything path-like that does not exist is a missing folder.
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-
-
-def load_pipeline(model: str, device: str = "auto", *, quiet: bool = False, what: str = "--model"):
-    """A diffusers pipeline from a local folder or a hub id, on ``device`` (``auto``: CUDA when available, in fp16;
-    else the CPU in fp32). Raises :class:`UsageError` for a missing folder or one that is no pipeline, and
-    ``RuntimeError`` when loading fails."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    path = Path(model).expanduser()
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise UsageError(f"{what} {model!r}: the folder has no model_index.json (not a diffusers pipeline folder)")
-    if not path.exists() and _looks_local(model):
-        raise UsageError(f"{what} {model!r}: no such folder")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
-    except Exception as exc:
-        logger.debug("loading %s failed", model, exc_info=True)
-        hint = "" if path.exists() else " (a hub id needs network access or a local cache; or pass a local folder)"
-        raise RuntimeError(f"could not load model {model!r}: {type(exc).__name__}: {exc}{hint}") from exc
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(desc="steps", leave=False, disable=quiet)
-    return pipe
 
 
 def prompt_sources(pipe, prompt: str) -> list[families.TextSource]:

@@ -36,6 +36,7 @@ from .accumulate import (
     select_image,
     step_buffers,
 )
+from .experiment import GenerationExperiment, as_pil
 from .families import UnsupportedPipelineError
 from .heatmap import GlobalHeatMap
 
@@ -74,6 +75,12 @@ class Trace:
 
     Args:
         pipe: a supported pipeline (see ``daam_fast.families.SUPPORTED``).
+        low_memory: daam 0.2.0's option, with its meaning: trace only the first cross-attention of each UNet
+            block (so the maps are daam's low-memory maps). daam_fast's memory does not depend on it.
+        load_heads, save_heads: daam 0.2.0's options to pickle every attention-probability tensor to disk and
+            swap saved ones back into the model; daam_fast never materialises those tensors, so ``True`` raises
+            ``ValueError`` (per-head maps: ``daam_compat=True`` and ``compute_global_heat_map(head_idx=...)``).
+        data_dir: daam's folder for saved heads; accepted and unused.
         layers: ``None`` for daam's default (cross-attention of down and up blocks; all blocks of a
             transformer), or indices / names of :attr:`layers` to trace.
         mid_block: also trace the mid block's cross-attention.
@@ -111,6 +118,10 @@ class Trace:
     def __init__(
         self,
         pipe,
+        low_memory: bool = False,
+        load_heads: bool = False,
+        save_heads: bool = False,
+        data_dir=None,
         *,
         layers: Iterable[int | str] | None = None,
         mid_block: bool = False,
@@ -126,10 +137,22 @@ class Trace:
         snapshots: str | None = None,
         max_snapshot_bytes: int | None = None,
     ):
+        for name, value in (("save_heads", save_heads), ("load_heads", load_heads)):
+            if value:
+                raise ValueError(
+                    f"{name}=True is not supported: daam 0.2.0 pickles every attention-probability tensor to disk "
+                    "(save_heads) and swaps saved ones into the model (load_heads); daam_fast never materialises "
+                    "them. For per-head maps use trace(pipe, daam_compat=True) and "
+                    "compute_global_heat_map(head_idx=...)"
+                )
+        if low_memory and layers is not None:
+            raise ValueError("low_memory=True chooses daam's layers itself: pass either low_memory=True or layers=")
         self.family = families.detect(pipe)
         self.pipe = pipe
         self.model = self.family.model(pipe)
         located = self.family.locate(self.model, mid_block=mid_block)
+        if low_memory:
+            located = [located[i] for i in self.family.low_memory_layers([name for name, _, _ in located])]
         if not located:
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__}'s {type(self.model).__name__} has no cross-attention modules; "
@@ -167,8 +190,11 @@ class Trace:
         self.accumulator = Accumulator(self.options, plans, self._prompt_positions)
         self._originals: list = []
         self._hooks: list = []
-        self._saved_check_inputs = None
+        self._shadowed: list = []
         self._active = False
+        self._images = None
+        #: pipeline steps counted by :meth:`time_callback` (daam's ``time_idx``).
+        self.time_idx = 0
 
     @property
     def records(self) -> list[Record]:
@@ -208,6 +234,7 @@ class Trace:
                     mod.set_processor(self.family.processor(mod.processor, self.accumulator, idx))
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._wrap_check_inputs()
+            self._wrap_postprocess()
             self._active = True
         except BaseException:
             self._restore()
@@ -226,24 +253,48 @@ class Trace:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        if self._saved_check_inputs is not None:
-            saved = self._saved_check_inputs
-            if saved[0]:
-                self.pipe.__dict__["check_inputs"] = saved[1]
+        for obj, name, had, old in reversed(self._shadowed):
+            if had:
+                obj.__dict__[name] = old
             else:
-                self.pipe.__dict__.pop("check_inputs", None)
-            self._saved_check_inputs = None
+                obj.__dict__.pop(name, None)
+        self._shadowed = []
         with _ACTIVE_LOCK:
             _ACTIVE.discard(self.model)
         self._active = False
 
-    def _wrap_check_inputs(self) -> None:
-        # The pipeline's prompt is only visible to the pipeline; every supported pipeline passes it to
-        # check_inputs first thing in __call__. An instance attribute shadows the method until exit.
-        original = getattr(self.pipe, "check_inputs", None)
+    def _shadow(self, obj, name: str, make_wrapper) -> None:
+        """Shadow method ``name`` of ``obj`` with an instance attribute ``make_wrapper(original)`` until exit."""
+        original = getattr(obj, name, None)
         if original is None:
             return
-        self._saved_check_inputs = ("check_inputs" in self.pipe.__dict__, self.pipe.__dict__.get("check_inputs"))
+        self._shadowed.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
+        obj.__dict__[name] = make_wrapper(original)
+
+    def _wrap_check_inputs(self) -> None:
+        # The pipeline's prompt is only visible to the pipeline; every supported pipeline passes it to
+        # check_inputs first thing in __call__.
+        self._shadow(self.pipe, "check_inputs", self._check_inputs_wrapper)
+
+    def _wrap_postprocess(self) -> None:
+        # The image is only visible to the pipeline too; every supported pipeline turns the decoded tensor into
+        # its output through image_processor.postprocess (daam reads it there as well).
+        processor = getattr(self.pipe, "image_processor", None)
+        if processor is None:
+            return
+
+        def make(original):
+            def postprocess(*args, **kwargs):
+                images = original(*args, **kwargs)
+                output_type = kwargs.get("output_type", args[1] if len(args) > 1 else "pil")
+                self._images = None if output_type == "latent" else images
+                return images
+
+            return postprocess
+
+        self._shadow(processor, "postprocess", make)
+
+    def _check_inputs_wrapper(self, original):
         signature = inspect.signature(original)
         source_args = self.family.source_prompt_args
 
@@ -252,6 +303,7 @@ class Trace:
                 bound = signature.bind_partial(*args, **kwargs).arguments
             except TypeError:
                 bound = {}
+            self._images = None  # a new call: the last image is this call's (none for output_type="latent")
             self.accumulator.begin_record(
                 bound.get("prompt"),
                 bound.get("negative_prompt"),
@@ -260,7 +312,7 @@ class Trace:
             )
             return original(*args, **kwargs)
 
-        self.pipe.__dict__["check_inputs"] = check_inputs
+        return check_inputs
 
     def _prompt_positions(self, rec: Record, text_len: int) -> set[int] | None:
         """The text positions of ``rec``'s prompts (and negative prompts when they are traced), for the default
@@ -281,6 +333,40 @@ class Trace:
         # `with` block, whose exit restores the pipeline.
         self.accumulator.begin_call(self.family.geometry(self.pipe, module, args, kwargs))
 
+    # -- daam 0.2.0's tracer attributes ---------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """daam's names of :attr:`layers` (``"up-attn-0"``, ...; ``layer_idx`` indexes this list)."""
+        return self.family.daam_layer_names([info.name for info in self.layers])
+
+    @property
+    def last_prompt(self) -> str:
+        """The prompt of the last traced pipeline call (the first one of a batch); ``""`` before any call."""
+        prompts = self.records[-1].prompts if self.records else None
+        return prompts[0] if prompts and prompts[0] is not None else ""
+
+    @property
+    def last_image(self):
+        """The last image the last traced pipeline call returned, as a PIL image (None before any call and for
+        ``output_type="latent"``)."""
+        return None if self._images is None else as_pil(self._images[-1])
+
+    def time_callback(self, *args, **kwargs):
+        """Count a denoising step in :attr:`time_idx`: a step callback for ``callback=`` (daam's use) or
+        ``callback_on_step_end=`` (then it returns the callback's tensors unchanged, as diffusers requires)."""
+        self.time_idx += 1
+        return args[3] if len(args) > 3 and isinstance(args[3], dict) else kwargs.get("callback_kwargs")
+
+    def to_experiment(self, path, seed: int | None = None, id: str = ".", subtype: str = ".", **compute_kwargs):
+        """The last traced generation as a :class:`~daam_fast.GenerationExperiment` in ``path / id`` (daam's
+        ``to_experiment``): :attr:`last_image`, the :meth:`compute_global_heat_map` maps (``compute_kwargs``)
+        and the prompt; ``save()`` writes it."""
+        if self.last_image is None:
+            raise RuntimeError("no image to export: run the pipeline inside the trace with an image output_type")
+        heat_map = self.compute_global_heat_map(**compute_kwargs)
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        return GenerationExperiment.from_heat_map(heat_map, self.last_image, path, seed, id, subtype, tokenizer)
+
     # -- results ---------------------------------------------------------------------------------
     def compute_global_heat_map(
         self,
@@ -299,15 +385,19 @@ class Trace:
 
         As daam 0.2.0: the mean over traced (layer, head) maps, each brought to the latent size with
         bicubic interpolation, summed over steps. Here per-layer maps are summed at their native
-        resolution and up-sampled once (exact up to daam's per-map clamp; ``daam_compat=True`` keeps
-        that clamp too).
+        resolution, up-sampled once and clamped at 0: attributions, never negative (daam clamps each map
+        instead; ``daam_compat=True`` does exactly that).
 
         Args:
             prompt: text used for word lookup; default: the prompt of the traced image.
             factors: keep only grids with these down-sampling factors (relative to the latent).
             head_idx: one head only (needs ``daam_compat=True``).
-            layer_idx: one layer only (needs ``per_layer=True`` or ``daam_compat=True``).
-            normalize: divide each pixel by the sum over prompt tokens (start and end tokens excluded).
+            layer_idx: one layer only (needs ``per_layer=True`` or ``daam_compat=True``). A selection that
+                matches no maps or was not opted into raises :class:`~daam_fast.HeatMapSelectionError`, a
+                ``RuntimeError`` as daam's (its scripts catch that while looping over layers and heads).
+            normalize: divide each pixel by ``S + 1e-6``, ``S`` the sum of the prompt tokens' maps there (start
+                and end tokens excluded; ``S >= 0``, as the maps are): those maps then sum to ``S / (S + 1e-6)``,
+                at most 1.
             image_idx: which image of the call (default: the mean over all images, which must share a prompt).
             negative: the negative prompt's maps (needs ``trace(..., negative=True)`` and CFG).
             record: which pipeline call (default the last).
@@ -350,8 +440,9 @@ class Trace:
 
         Returns ``{step index: GlobalHeatMap}`` for every traced step, each ``heat_maps`` fp32
         ``[n_tokens, H_latent, W_latent]`` holding only what that step added; without
-        ``normalize`` their sum is the :meth:`compute_global_heat_map` map (to fp32 rounding), which sums over
-        steps. ``kwargs`` are those of :meth:`compute_global_heat_map`.
+        ``normalize`` their sum is the :meth:`compute_global_heat_map` map (to fp32 rounding) wherever the
+        up-sampling overshoots nowhere below 0 (each map is clamped at 0 on its own). ``kwargs`` are those of
+        :meth:`compute_global_heat_map`.
         """
         if self.options.snapshots != "step":
             raise ValueError("per-step maps need snapshots: trace with trace(pipe, snapshots='step')")

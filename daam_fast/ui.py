@@ -108,7 +108,8 @@ class _UserError(ValueError):
 
 class UIServer(ThreadingHTTPServer):
     """The UI's HTTP server. ``pipelines`` maps model strings to already loaded pipelines (others are loaded with
-    ``DiffusionPipeline.from_pretrained`` on first use and kept); outputs go under ``workdir``."""
+    :func:`daam_fast.session.load_pipeline` on first use, with ``load_options`` (dtype, config, offload,
+    vae_tiling), and kept); outputs go under ``workdir``."""
 
     daemon_threads = True
 
@@ -122,11 +123,13 @@ class UIServer(ThreadingHTTPServer):
         pipelines=None,
         workdir=None,
         device: str = "auto",
+        load_options: dict | None = None,
     ):
         super().__init__(address, _Handler)
         self.default_model, self.default_steps, self.default_size = model, steps, size
         self.pipelines = dict(pipelines or {})
         self.device = device
+        self.load_options = dict(load_options or {})
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="daam_fast_ui_"))
         self.lock = threading.Lock()
         self.counter = 0
@@ -138,7 +141,10 @@ class UIServer(ThreadingHTTPServer):
 
     def pipeline(self, model: str):
         if model not in self.pipelines:
-            self.pipelines[model] = session.load_pipeline(model, self.device, quiet=True, what="model")
+            options = dict(self.load_options)
+            if not Path(model).expanduser().is_file():  # configs of a single-file checkpoint only
+                options.pop("config", None)
+            self.pipelines[model] = session.load_pipeline(model, self.device, quiet=True, what="model", **options)
         return self.pipelines[model]
 
     def generate(self, form: dict) -> dict:

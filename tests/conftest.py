@@ -27,3 +27,21 @@ def sdxl_pipe():
     from tests.fixtures.pipelines import tiny_sdxl_pipeline
 
     return tiny_sdxl_pipeline()
+
+
+@pytest.fixture
+def pyplot(monkeypatch):
+    """pyplot with no figures open, whose backend must not change; ``matplotlib.use`` raises, since a library must
+    never switch the user's backend."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("matplotlib.use called: a library must not switch the user's backend")
+
+    monkeypatch.setattr(matplotlib, "use", forbidden)
+    plt.close("all")
+    backend = matplotlib.get_backend()
+    yield plt
+    plt.close("all")
+    assert matplotlib.get_backend() == backend

@@ -131,10 +131,11 @@ def test_word_maps_land_on_rendered_objects(pipe):
         assert result["daam"][kind] >= result["all_foreground"][kind] + 0.1, result
 
 
-def test_run_demo_writes_images_overlays_and_dominance(pipe, tmp_path):
+def test_run_demo_writes_images_overlays_and_dominance(pipe, tmp_path, pyplot):
     from daam_fast.demo import run_demo
 
     res = run_demo(tmp_path, prompts=["a red circle and a blue square"], steps=5, pipe=pipe, progress=False)
+    assert pyplot.get_fignums() == []  # its own figures: no backend switch (the fixture checks), no pyplot figures
     names = {f.name for f in res[0]["files"]}
     assert names == {"0_image.png", "0_red.png", "0_circle.png", "0_blue.png", "0_square.png", "0_dominance.png"}
     assert all((tmp_path / n).stat().st_size > 0 for n in names)

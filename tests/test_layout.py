@@ -14,7 +14,7 @@ MAX_LINES = 500
 #: Every module of the package must be in one (a new module is placed on purpose).
 LAYERS = [
     ("front ends", ["daam_fast.cli", "daam_fast.ui"]),
-    ("session", ["daam_fast.session"]),
+    ("session", ["daam_fast.session", "daam_fast.loading"]),
     ("outputs of a session", ["daam_fast.report", "daam_fast.demo"]),
     ("traced generations", ["daam_fast.generation"]),
     ("analysis of maps", ["daam_fast.analysis", "daam_fast.figures"]),
@@ -22,7 +22,7 @@ LAYERS = [
     ("model families", ["daam_fast.families"]),
     ("accumulation", ["daam_fast.accumulate"]),
     ("processors", ["daam_fast.processors"]),
-    ("heat maps and tokens", ["daam_fast.heatmap", "daam_fast.tokens"]),
+    ("heat maps, tokens, experiment folders", ["daam_fast.heatmap", "daam_fast.tokens", "daam_fast.experiment"]),
     ("kernels", ["daam_fast.kernels"]),
     ("version", ["daam_fast.version"]),
 ]

@@ -44,6 +44,7 @@ def _assert_unpatched(pipe, before):
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert not pipe.unet._forward_pre_hooks
     assert "check_inputs" not in pipe.__dict__
+    assert "postprocess" not in pipe.image_processor.__dict__
     assert pipe.unet not in _trace_mod._ACTIVE
 
 

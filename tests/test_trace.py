@@ -48,7 +48,9 @@ def test_traced_maps_equal_naive_float64(request, fixture, height, width, n, gui
     assert torch.equal(torch.from_numpy(traced), torch.from_numpy(plain))  # same image, bit for bit
     B = next(iter(naive.sums.values())).shape[0]
     rows = slice(B - n, B)  # the conditional half (all rows without CFG)
-    expected = naive.aggregate(_latent(pipe, height, width), rows, clamp=False)
+    # daam's per-(layer, head) up-sampling is linear: its mean is the single up-sampling of the default mode,
+    # which then clamps at 0 once.
+    expected = naive.aggregate(_latent(pipe, height, width), rows, clamp=False).clamp(min=0)
     T = gm.tokens.n_tokens()
     assert gm.heat_maps.shape == (T, *_latent(pipe, height, width))
     torch.testing.assert_close(gm.heat_maps.double(), expected.mean(0)[:T], rtol=1e-5, atol=1e-7)
@@ -85,6 +87,34 @@ def test_daam_compat_equals_daam_aggregation(request, fixture, height, width, n)
     assert (gm.heat_maps >= 0).all()
 
 
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from daam_fast.demo import load_pipeline
+
+    return load_pipeline()
+
+
+def test_default_maps_clamp_the_single_upsampling_at_zero(demo_pipe):
+    # The demo model's maps are sharp: bicubic up-sampling overshoots below 0 at their edges, which the default
+    # mode clamps once, after summing at native resolution (DESIGN.md §1); normalize then divides by a sum > 0.
+    kw = dict(prompt=PROMPT, num_inference_steps=4)
+    with trace(demo_pipe) as tc:
+        _run(demo_pipe, **kw)
+        gm = tc.compute_global_heat_map()
+        norm = tc.compute_global_heat_map(normalize=True)
+        names = [info.name for info in tc.layers]
+    with NaiveRecorder(demo_pipe, names) as naive:
+        _run(demo_pipe, **kw)
+    B = next(iter(naive.sums.values())).shape[0]
+    unclamped = naive.aggregate((16, 16), slice(B - 1, B), clamp=False)[0]
+    T = gm.tokens.n_tokens()
+    assert unclamped[:T].min() < -0.01 * unclamped[:T].max()  # the case exercises the clamp
+    torch.testing.assert_close(gm.heat_maps.double(), unclamped[:T].clamp(min=0), rtol=1e-5, atol=1e-6)
+    inner = gm.heat_maps[1 : T - 1]
+    torch.testing.assert_close(norm.heat_maps, gm.heat_maps / (inner.sum(0, keepdim=True) + 1e-6))
+    assert norm.heat_maps.min() >= 0 and norm.heat_maps[1 : T - 1].sum(0).max() <= 1
+
+
 def test_negative_prompt_maps_are_the_unconditional_half(sd_pipe):
     kw = dict(prompt=PROMPT, negative_prompt="a green triangle", height=64, width=64)
     with trace(sd_pipe, negative=True) as tc:
@@ -94,7 +124,7 @@ def test_negative_prompt_maps_are_the_unconditional_half(sd_pipe):
         names = [info.name for info in tc.layers]
     with NaiveRecorder(sd_pipe, names) as naive:
         _run(sd_pipe, **kw)
-    expected = naive.aggregate((32, 32), slice(0, 1), clamp=False)[0]
+    expected = naive.aggregate((32, 32), slice(0, 1), clamp=False)[0].clamp(min=0)
     assert neg.prompt == "a green triangle"
     torch.testing.assert_close(neg.heat_maps.double(), expected[: neg.tokens.n_tokens()], rtol=1e-5, atol=1e-7)
     assert neg.compute_word_heat_map("triangle").heatmap.shape == (32, 32)

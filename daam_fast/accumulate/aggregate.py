@@ -3,7 +3,9 @@ rows and prompt of the image (or images) asked for.
 
 As daam 0.2.0: each (layer, head) map is brought to the grid with bicubic interpolation and the maps are
 averaged, summed over steps. Here the buffers hold sums at each layer's native resolution and are up-sampled
-once (exact up to daam's per-map clamp; ``daam_compat=True`` keeps one buffer per (layer, head) and that clamp).
+once, then clamped at 0: the maps are attributions, and bicubic overshoot below 0 at sharp edges is not a
+negative one (daam clamps each (layer, head) map instead, so the two differ by a few % of a sharp map's maximum;
+``daam_compat=True`` keeps one buffer per (layer, head) and daam's per-map clamp).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..heatmap import HeatMapSelectionError
 from .options import CaptureOptions
 from .records import Record
 
@@ -41,15 +44,20 @@ def aggregate(
     layer_idx: int | None = None,
     bufs: dict | None = None,
 ) -> torch.Tensor:
-    """fp32 ``[buffer rows, tokens, H, W]`` on the record's grid ``(H, W)``: the mean over traced (layer, head)
-    maps of ``rec``'s buffers (or of ``bufs``, ``{slot key: buffer-shaped tensor}``, e.g. one step's share),
-    restricted to grid ``factors``, one head (``daam_compat``) or one layer (``per_layer``)."""
+    """fp32 ``[buffer rows, tokens, H, W]``, never negative, on the record's grid ``(H, W)``: the mean over traced
+    (layer, head) maps of ``rec``'s buffers (or of ``bufs``, ``{slot key: buffer-shaped tensor}``, e.g. one
+    step's share), restricted to grid ``factors``, one head (``daam_compat``) or one layer (``per_layer``).
+
+    A selection that matches no maps, or needs buffers the options did not keep, raises
+    :class:`~daam_fast.heatmap.HeatMapSelectionError` (a ``ValueError`` and the ``RuntimeError`` daam raises)."""
     if head_idx is not None and not options.daam_compat:
-        raise ValueError("head_idx needs per-head buffers: trace with trace(pipe, daam_compat=True)")
+        raise HeatMapSelectionError("head_idx needs per-head buffers: trace with trace(pipe, daam_compat=True)")
     if layer_idx is not None and not options.per_layer:
-        raise ValueError("layer_idx needs per-layer buffers: trace with trace(pipe, per_layer=True)")
+        raise HeatMapSelectionError(
+            "layer_idx needs per-layer buffers: trace with trace(pipe, per_layer=True) (or daam_compat=True)"
+        )
     if layer_idx is not None and layer_idx not in rec.slots:
-        raise ValueError(f"layer {layer_idx} has no maps; traced layers: {sorted(rec.slots)}")
+        raise HeatMapSelectionError(f"layer {layer_idx} has no maps; traced layers: {sorted(rec.slots)}")
     wanted = None if factors is None else {int(f) for f in factors}
     H, W = rec.latent_hw
     total, count = None, 0
@@ -63,7 +71,7 @@ def aggregate(
         if options.daam_compat:
             heads = range(buf.shape[1]) if head_idx is None else [head_idx]
             if head_idx is not None and not 0 <= head_idx < buf.shape[1]:
-                raise ValueError(f"head_idx {head_idx} out of range: layer {key} has {buf.shape[1]} heads")
+                raise HeatMapSelectionError(f"head_idx {head_idx} out of range: layer {key} has {buf.shape[1]} heads")
             for hd in heads:
                 m = buf[:, hd].reshape(buf.shape[0], buf.shape[2], h, w)
                 m = F.interpolate(m, size=(H, W), mode="bicubic").clamp_(min=0)
@@ -74,8 +82,9 @@ def aggregate(
             total = m if total is None else total + m
             count += sum(slot.layer_heads.values())
     if total is None:
-        raise ValueError(f"no heat maps for factors={factors}, layer_idx={layer_idx}, head_idx={head_idx}")
-    return total / count
+        raise HeatMapSelectionError(f"no heat maps for factors={factors}, layer_idx={layer_idx}, head_idx={head_idx}")
+    # One clamp after the single up-sampling (a no-op for daam_compat's per-map clamped sums).
+    return (total / count).clamp_(min=0)
 
 
 def select_image(

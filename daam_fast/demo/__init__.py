@@ -77,10 +77,6 @@ def run_demo(
     Returns one dict per prompt: ``prompt``, ``image`` (uint8 ``[32, 32, 3]``), ``heatmaps``
     (``{word: float32 tensor [16, 16]}``, the latent-resolution maps) and ``files`` (written paths).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -104,7 +100,7 @@ def run_demo(
         )
         maps = {w: gen.maps.compute_word_heat_map(w) for w in _words(prompt)}
         image = (gen.image * 255).round().clip(0, 255).astype(np.uint8)
-        files = _plot(plt, out_dir, n, prompt, image, maps)
+        files = _plot(out_dir, n, prompt, image, maps)
         heatmaps = {w: m.heatmap.detach().float().cpu() for w, m in maps.items()}
         results.append({"prompt": prompt, "image": image, "heatmaps": heatmaps, "files": files})
     bar.close()
@@ -112,51 +108,55 @@ def run_demo(
     return results
 
 
-def _plot(plt, out_dir: Path, n: int, prompt: str, image, maps: dict) -> list[Path]:
+def _plot(out_dir: Path, n: int, prompt: str, image, maps: dict) -> list[Path]:
+    # Figures of their own, not pyplot's: a library never switches the user's backend or touches their figures.
     import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     files = []
     h, w = image.shape[:2]
     extent = (0, w, h, 0)
 
-    fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+    fig = Figure(figsize=(3, 3), dpi=100)
+    ax = fig.subplots()
     ax.imshow(image, interpolation="nearest", extent=extent)
     ax.set_title(prompt, fontsize=7)
     ax.axis("off")
     files.append(out_dir / f"{n}_image.png")
     fig.savefig(files[-1], bbox_inches="tight")
-    plt.close(fig)
 
     # WordHeatMap.expand: daam's bicubic up-sampling to the image size, min-max normalised to [0, 1].
     up = {word: m.expand((h, w)).numpy() for word, m in maps.items()}
     for word, m in up.items():
-        fig, ax = plt.subplots(figsize=(3, 3), dpi=100)
+        fig = Figure(figsize=(3, 3), dpi=100)
+        ax = fig.subplots()
         ax.imshow(image, interpolation="nearest", extent=extent)
         ax.imshow(m, cmap="jet", alpha=0.5, interpolation="bilinear", extent=extent, vmin=0, vmax=1)
         ax.set_title(f"{word!r} in {prompt!r}", fontsize=6)
         ax.axis("off")
         files.append(out_dir / f"{n}_{word}.png")
         fig.savefig(files[-1], bbox_inches="tight")
-        plt.close(fig)
 
     # Dominance: each pixel takes the word whose normalised map is largest there, or none if every
     # map is below DAAM's 0.4 threshold.
     words = list(up)
     stack = np.stack([up[w] for w in words])
     winner = np.where(stack.max(0) >= 0.4, stack.argmax(0), -1)
-    cmap = plt.get_cmap("tab10")
+    cmap = colormaps["tab10"]
     rgb = np.zeros((h, w, 3))
     for k in range(len(words)):
         rgb[winner == k] = cmap(k % 10)[:3]
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=100)
+    fig = Figure(figsize=(6, 3), dpi=100)
+    axes = fig.subplots(1, 2)
     axes[0].imshow(image, interpolation="nearest", extent=extent)
     axes[1].imshow(rgb, interpolation="nearest", extent=extent)
     for ax in axes:
         ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(k % 10)) for k in range(len(words))]
+    handles = [Rectangle((0, 0), 1, 1, color=cmap(k % 10)) for k in range(len(words))]
     axes[1].legend(handles, words, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.suptitle(f"dominant word per pixel: {prompt!r}", fontsize=7)
     files.append(out_dir / f"{n}_dominance.png")
     fig.savefig(files[-1], bbox_inches="tight")
-    plt.close(fig)
     return files

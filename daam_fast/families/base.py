@@ -93,6 +93,16 @@ class Family:
         """The capture processor wrapping ``original`` for layer ``layer_idx``, reporting to ``sink``."""
         raise NotImplementedError
 
+    def daam_layer_names(self, names: list[str]) -> list[str]:
+        """daam 0.2.0's names of the located layers ``names`` (``Trace.layer_names``); the names themselves for
+        models daam does not know."""
+        return list(names)
+
+    def low_memory_layers(self, names: list[str]) -> list[int]:
+        """Indices into ``names`` of the layers daam 0.2.0's ``trace(pipe, low_memory=True)`` traces; all of them
+        for models daam does not know."""
+        return list(range(len(names)))
+
     # -- calls -----------------------------------------------------------------------------------
     def geometry(self, pipe, model, args, kwargs) -> Geometry:
         """The :class:`~daam_fast.accumulate.Geometry` of a model call from its arguments."""

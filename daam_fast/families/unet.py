@@ -26,6 +26,17 @@ _BLOCK_RE = re.compile(r"^(down|up|mid)_blocks\.(\d+)\.")
 _NO_WINDOW = 1_000_000
 
 
+def _index_in_block(names: list[str]) -> list[int]:
+    """Each located layer's index among the layers of its block (``up_blocks.1``, ...), in order."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        block = _BLOCK_RE.match(name).group(0)
+        out.append(seen.get(block, 0))
+        seen[block] = out[-1] + 1
+    return out
+
+
 def tokenizers(pipe) -> list:
     """The pipeline's CLIP tokenizers (SDXL has two; they share positions)."""
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
@@ -80,6 +91,14 @@ class UNetFamily(Family):
 
     def processor(self, original, sink, layer_idx: int):
         return UNetCrossAttnCaptureProcessor(original, sink, layer_idx)
+
+    def daam_layer_names(self, names: list[str]) -> list[str]:
+        """``"<up|down|mid>-attn-<i>"``, ``i`` counting the cross-attentions of one block in order (daam's)."""
+        return [f"{_BLOCK_RE.match(n).group(1)}-attn-{i}" for n, i in zip(names, _index_in_block(names), strict=True)]
+
+    def low_memory_layers(self, names: list[str]) -> list[int]:
+        """The first cross-attention of each block, as daam's ``low_memory`` restricts its hooks."""
+        return [k for k, i in enumerate(_index_in_block(names)) if i == 0]
 
     def geometry(self, pipe, model, args, kwargs) -> Geometry:
         sample = args[0] if args else kwargs.get("sample")

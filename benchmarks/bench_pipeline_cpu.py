@@ -8,8 +8,8 @@ dilute the ratios). Variants run in interleaved rounds; ratios are medians over 
 ``variant / vanilla`` in the same round. Peak RSS is measured per call (see ``harness.PeakRSS``).
 
 Targets (reported, not asserted): traced / vanilla ≤ 1.02 in time; a traced call's peak RSS ≤ 10 MB
-above vanilla's; daam_fast's heat buffers for SDXL at 1024², all 77 positions ≤ 2 MB per image (a default trace captures only the
-prompt's positions: 10 for the benchmark prompt).
+above vanilla's; daam_fast's heat buffers for SDXL at 1024², all 77 positions ≤ 2 MB per image (a default trace
+captures only the prompt's positions: 10 for the benchmark prompt).
 
     DAAM_FAST_BENCH_ROUNDS=3 pytest benchmarks/bench_pipeline_cpu.py --benchmark-only
 """

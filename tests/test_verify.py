@@ -122,13 +122,20 @@ def test_fused_check_falls_back_to_no_fusion(bad_backends, caplog):
     assert len(warned) == 2 and "fused attention output differs" in warned[1]
 
 
-@pytest.mark.parametrize("name", ["broken", "wrong"])
-def test_forced_backend_that_fails_its_check_raises(bad_backends, name):
+# A forced backend raises: its own error when it fails to run, BackendCheckError when its numbers are wrong.
+@pytest.mark.parametrize(
+    "name,error,match",
+    [
+        ("broken", RuntimeError, "PTX compile failed"),
+        ("wrong", dispatch.BackendCheckError, "'wrong' was forced but failed its first-use check"),
+    ],
+)
+def test_forced_backend_that_fails_its_check_raises(bad_backends, name, error, match):
     q, k, v = _inputs(L=100)
     lse = reference.row_logsumexp(q, k, 0.2)
-    with pytest.raises(dispatch.BackendCheckError, match=f"'{name}' was forced but failed its first-use check"):
+    with pytest.raises(error, match=match):
         dispatch.capture_from_lse(q, k[:, :, :7], lse, 0.2, torch.zeros(2, 7, 100), backend=name)
-    with pytest.raises(dispatch.BackendCheckError, match=name):
+    with pytest.raises(error, match=match.replace("capture_from_lse", "fused")):
         dispatch.fused_attention_capture(q, k, v, torch.arange(5), 0.2, torch.zeros(2, 5, 100), backend=name)
 
 
@@ -144,8 +151,9 @@ def test_error_after_a_passed_check_falls_back(monkeypatch):
             raise RuntimeError("out of resources: shared memory")
         return reference.capture_from_lse(q, k_sel, lse, scale, out, bias=bias)
 
-    register_backend(Backend(name="small", priority=90, capture_from_lse=only_small,
-                             capture_self_normalising=reference.capture_self_normalising, devices=("cpu",)))  # fmt: skip
+    register_backend(
+        Backend("small", 90, only_small, reference.capture_self_normalising, devices=("cpu",))
+    )
     try:
         q, k, _ = _inputs()
         lse = reference.row_logsumexp(q, k, 0.2)
@@ -177,6 +185,7 @@ def test_traced_maps_equal_the_reference_backend_despite_bad_backends(sd_pipe, b
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
     warned = _warnings(caplog)
     assert warned and all("'broken'" in w or "'wrong'" in w for w in warned)
-    for name in ("broken", "wrong"):
-        with pytest.raises(dispatch.BackendCheckError):
-            _maps(sd_pipe, backend=name)
+    with pytest.raises(RuntimeError, match="PTX compile failed"):
+        _maps(sd_pipe, backend="broken")
+    with pytest.raises(dispatch.BackendCheckError):
+        _maps(sd_pipe, backend="wrong")

@@ -126,8 +126,8 @@ def _run(kernel: str, q, out, bias, backend, fused_keys, call, check):
     """Run ``call(b)`` on the first usable backend ``b``, checking it first (``check(b)``: None or a reason) when
     this (backend, kernel, device, dtype, head dim) has not been checked in this process. An automatic pick that
     fails its check, or raises, is disabled for that key with one warning and the next backend runs; a forced
-    one raises :class:`BackendCheckError` (or its own error). Returns ``(result, backend)``, or ``(None, None)``
-    for a fused call no backend can take."""
+    one raises its own error, or :class:`BackendCheckError` when its numbers differ. Returns
+    ``(result, backend)``, or ``(None, None)`` for a fused call no backend can take."""
     forced = _forced(backend)
     usable, rejected = _pick(q, out, bias, forced, fused_keys, kernel)
     compiling = torch.compiler.is_compiling()
@@ -135,7 +135,8 @@ def _run(kernel: str, q, out, bias, backend, fused_keys, call, check):
         if compiling or b.name == ORACLE:
             return call(b), b
         key = verify.CHECKS.key(b, kernel, q)
-        why = verify.CHECKS.run(key, lambda b=b: check(b))
+        # A forced backend's own compile / launch error reaches the caller unchanged.
+        why = verify.CHECKS.run(key, lambda b=b: check(b), raise_errors=forced is not None)
         if why is None:
             try:
                 return call(b), b

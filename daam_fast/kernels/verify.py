@@ -124,9 +124,10 @@ class Checks:
         """Why ``key`` was disabled in this process, or None."""
         return self._failed.get(key)
 
-    def run(self, key: tuple, check: Callable[[], str | None]) -> str | None:
-        """Run ``check`` once for ``key`` (later calls answer from memory): None when it passed, else the reason
-        (a raised exception counts as a failure, named with its type)."""
+    def run(self, key: tuple, check: Callable[[], str | None], raise_errors: bool = False) -> str | None:
+        """Run ``check`` once for ``key`` (later calls answer from memory): None when it passed, else the reason.
+        A raised exception counts as a failure, named with its type, unless ``raise_errors`` (then it propagates
+        and nothing is recorded)."""
         if key in self._passed:
             return None
         if key in self._failed:
@@ -134,6 +135,8 @@ class Checks:
         try:
             why = check()
         except Exception as exc:  # compile / launch errors of the candidate are what the check is for
+            if raise_errors:
+                raise
             why = f"{type(exc).__name__}: {exc}"
         with self._lock:
             if why is None:

@@ -4,7 +4,7 @@ side by side in interleaved rounds. Used by ``bench_pipeline_cpu.py``, ``gpu_che
 Each variant is one pipeline call with ``output_type="latent"`` (text encoding, the UNet steps with
 classifier-free guidance, the scheduler; no VAE decode, which tracing does not touch and which would
 only dilute the ratios) followed, for the two tracing variants, by the end-of-run aggregation into a
-global heat map (all 77 tokens captured).
+global heat map (a default trace: the prompt's own text positions are captured).
 """
 
 from __future__ import annotations

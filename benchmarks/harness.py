@@ -144,12 +144,19 @@ def attention_grids(unet_config: dict, latent_hw: tuple[int, int]) -> list[tuple
 
 
 def heat_buffer_bytes_per_image(
-    unet_config: dict, latent_hw: tuple[int, int], n_tokens: int = 77, skipped_factors=frozenset({8})
+    unet_config: dict, latent_hw: tuple[int, int], n_tokens: int, skipped_factors=frozenset({8})
 ) -> int:
-    """Analytic size of daam_fast's default heat buffers for one image: fp32 ``[tokens, h·w]`` per
-    traced resolution (grids at ``skipped_factors`` of the latent are not traced, as in daam)."""
+    """Analytic size of daam_fast's heat buffers for one image: fp32 ``[n_tokens, h·w]`` per traced resolution
+    (grids at ``skipped_factors`` of the latent are not traced, as in daam). By default the tracer captures the
+    prompt's own positions (:func:`prompt_positions`); ``tokens=range(77)`` captures the whole CLIP window."""
     grids = {(h, w) for h, w, f in attention_grids(unet_config, latent_hw) if f not in skipped_factors}
     return 4 * n_tokens * sum(h * w for h, w in grids)
+
+
+def prompt_positions(tokenizer, prompt: str) -> int:
+    """Text positions a default trace captures for ``prompt``: start token, its tokens, end token (truncated to
+    the tokenizer's window)."""
+    return len(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
 
 def traced_buffer_bytes_per_image(tc) -> int:

@@ -86,14 +86,17 @@ class Trace:
         mid_block: also trace the mid block's cross-attention.
         factors: grid down-sampling factors (relative to the latent) to trace; default all but 8.
         steps: denoising-step indices (0-based model calls of each pipeline call) to trace; default all.
-        tokens: key positions to capture (0 = start token); default all.
+        tokens: text positions to capture (0 = start token); default the prompt's own positions (start token,
+            the prompt's tokens, end token; the negative prompt's too with ``negative=True``), read from the prompt
+            the pipeline is called with, or every position when the prompt is unknown (``prompt_embeds``). Maps
+            are the same either way: word lookup keeps only the prompt's positions.
         negative: also keep the unconditional half of the CFG batch (negative-prompt maps).
         per_layer: keep one buffer per layer (needed for ``layer_idx`` selection).
         daam_compat: keep one buffer per (layer, head) and aggregate exactly as daam 0.2.0 does.
         backend: force a capture backend (``torch``, ``triton``, ``cuda``); default automatic.
-        fused: where the dispatcher finds a backend with a fused attention + capture kernel (Triton on CUDA),
-            compute UNet cross-attention and its capture in one kernel (the image then equals SDPA's to rounding,
-            not bit for bit); ``False`` keeps the model's own attention kernel.
+        fused: opt in to computing UNet cross-attention and its capture in one kernel where the dispatcher finds
+            a backend with that capability (Triton on CUDA). The image then equals SDPA's to rounding, not bit for
+            bit. Default ``False``: the model's own attention kernel runs and the image is unchanged.
         keep_records: keep only the last ``keep_records`` :class:`Record` s (default ``None``: all). Each record
             holds its heat buffers, so a long-lived tracer over many pipeline calls should bound this.
         snapshots: ``"step"`` also keeps a copy of the buffers after every traced step, so
@@ -129,7 +132,7 @@ class Trace:
         per_layer: bool = False,
         daam_compat: bool = False,
         backend: str | None = None,
-        fused: bool = True,
+        fused: bool = False,
         keep_records: int | None = None,
         snapshots: str | None = None,
         max_snapshot_bytes: int | None = None,
@@ -184,7 +187,7 @@ class Trace:
             if info.idx in self._enabled
         ]
         #: the records and heat buffers; the processors' capture sink.
-        self.accumulator = Accumulator(self.options, plans)
+        self.accumulator = Accumulator(self.options, plans, self._prompt_positions)
         self._originals: list = []
         self._hooks: list = []
         self._shadowed: list = []
@@ -311,6 +314,20 @@ class Trace:
 
         return check_inputs
 
+    def _prompt_positions(self, rec: Record, text_len: int) -> set[int] | None:
+        """The text positions of ``rec``'s prompts (and negative prompts when they are traced), for the default
+        token selection; None when a prompt is unknown."""
+        groups = [(rec.prompts, rec.source_prompts)]
+        if self.options.negative:
+            groups.append((rec.negative_prompts, rec.source_negative_prompts))
+        positions: set[int] = set()
+        for prompts, sources in groups:
+            found = self.family.prompt_positions(self.pipe, prompts, sources, text_len)
+            if found is None:
+                return None
+            positions |= found
+        return positions
+
     def _on_model_call(self, module, args, kwargs) -> None:
         # Raised from the model's pre-hook, before any capture: the exception leaves the pipeline call and the
         # `with` block, whose exit restores the pipeline.
@@ -409,8 +426,7 @@ class Trace:
             text = ImageText(prompt)
         if text.prompt is None:
             raise ValueError("the traced call's prompt is unknown (prompt_embeds?): pass prompt=... to name its words")
-        tokens = self.options.tokens
-        positions = list(range(maps.shape[0])) if tokens is None else list(tokens)
+        positions = list(range(maps.shape[0])) if rec.positions is None else list(rec.positions)
         hm = self.family.heat_map(
             self.pipe, self.model, rec, maps, text, positions, normalize=normalize, negative=negative
         )

@@ -31,10 +31,13 @@ def test_cpu_comparison_structure(sd_pipe):
         assert len(row["seconds"]) == 1 and len(row["mem"]) == 1
         assert {"median_s", "ratio", "ratio_min", "ratio_max", "mem_median", "mem_vs_baseline"} <= set(row)
     assert res["vanilla"]["ratio"] == 1.0  # each round's vanilla divided by itself
-    # Tiny SD: latent 16², cross-attention grids 16² and 8², 77 tokens, one conditional row.
-    assert out["heat_buffer_shapes"] == [[1, 77, 256], [1, 77, 64]]
-    analytic = harness.heat_buffer_bytes_per_image(dict(sd_pipe.unet.config), (16, 16))
-    assert out["heat_buffer_bytes_per_image"] == analytic == 4 * 77 * (256 + 64)
+    # Tiny SD: latent 16², cross-attention grids 16² and 8², one conditional row, the prompt's 8 positions
+    # (start, 6 tokens, end): a default trace captures only those.
+    n_tokens = harness.prompt_positions(sd_pipe.tokenizer, PROMPT)
+    assert n_tokens == 8
+    assert out["heat_buffer_shapes"] == [[1, 8, 256], [1, 8, 64]]
+    analytic = harness.heat_buffer_bytes_per_image(dict(sd_pipe.unet.config), (16, 16), n_tokens)
+    assert out["heat_buffer_bytes_per_image"] == analytic == 4 * 8 * (256 + 64)
     table = harness.comparison_table("tiny", res)
     assert all(f"| {v} |" in table for v in VARIANTS)
 

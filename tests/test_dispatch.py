@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from daam_fast import trace
-from daam_fast.kernels import dispatch, reference
+from daam_fast.kernels import dispatch, reference, verify
 
 PROMPT = "a red circle and a blue square"
 
@@ -35,7 +35,9 @@ def fused_backend(monkeypatch):
     )
     monkeypatch.setitem(dispatch._REGISTRY, "fakefused", backend)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    return calls
+    verify.CHECKS.reset()  # each test sees the fake's first-use check
+    yield calls
+    verify.CHECKS.reset()
 
 
 def _qkv(B=2, H=2, L=12, S=77, D=16):
@@ -60,7 +62,8 @@ def test_fused_attention_capture_runs_traced_rows_fused_and_the_rest_through_sdp
     idx = torch.tensor([0, 3, 76])
     out = torch.zeros(1, 3, 12)
     o = dispatch.fused_attention_capture(q, k, v, idx, 0.25, out, rows=slice(1, 2))
-    assert fused_backend == [1]  # only the traced row went through the fused kernel
+    # Only the traced row went through the fused kernel: once for its first-use check (on a slice), once for real.
+    assert fused_backend == [1, 1]
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, scale=0.25))
     expected = torch.zeros(1, 3, 12)
     reference.capture_self_normalising(q[1:], k[1:], idx, 0.25, expected)
@@ -92,7 +95,7 @@ def test_the_tracer_reaches_the_fused_kernel_only_through_dispatch(sd_pipe, fuse
     assert fused_backend == []
     unfused, _ = _maps(sd_pipe, backend="fakefused", fused=False)
     assert fused_backend == []
-    got, fused_image = _maps(sd_pipe, backend="fakefused")
+    got, fused_image = _maps(sd_pipe, backend="fakefused", fused=True)
     assert fused_backend and set(fused_backend) == {1}  # CFG: the conditional row fused, the other through SDPA
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(unfused, expected, rtol=1e-5, atol=1e-7)

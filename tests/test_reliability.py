@@ -297,9 +297,10 @@ def test_200_generations_keep_memory_flat_and_leave_nothing_behind():
     pipe = tiny_sd_pipeline(seed=2)
     before = _processors(pipe)
     kw = dict(steps=1, size=32, guidance_scale=1.0)
-    # One record at 32x32: latent 16x16, traced grids 16x16 and 8x8, 77 tokens, fp32.
+    # One record at 32x32: latent 16x16, traced grids 16x16 and 8x8, all 77 positions (a full capture, so that
+    # a leaked record would be large enough to see), fp32.
     record_bytes = 77 * (16 * 16 + 8 * 8) * 4
-    with trace(pipe, keep_records=2) as tc:  # 100 calls in one long-lived tracer
+    with trace(pipe, keep_records=2, tokens=range(77)) as tc:  # 100 calls in one long-lived tracer
         for i in range(100):
             _run(pipe, **kw)
             maps = tc.compute_global_heat_map().heat_maps
@@ -311,7 +312,7 @@ def test_200_generations_keep_memory_flat_and_leave_nothing_behind():
         assert len(tc.records) == 2
         assert sum(s.buf.numel() * 4 for s in tc.records[-1].slots.values()) == record_bytes
     for _ in range(100):  # and 100 tracers, one per call
-        with trace(pipe) as tc:
+        with trace(pipe, tokens=range(77)) as tc:
             _run(pipe, **kw)
             last = tc.compute_global_heat_map().heat_maps
     gc.collect()
@@ -332,11 +333,11 @@ def test_200_generations_keep_memory_flat_and_leave_nothing_behind():
 def test_snapshots_over_the_limit_are_refused_before_any_capture(sd_pipe):
     before = _processors(sd_pipe)
     with pytest.raises(SnapshotBudgetError) as info:
-        with trace(sd_pipe, snapshots="step", max_snapshot_bytes=100_000) as tc:
+        with trace(sd_pipe, snapshots="step", max_snapshot_bytes=50_000) as tc:
             _run(sd_pipe, steps=2)
-    # 2 steps x (1 conditional row x 77 tokens x (32x32 + 16x16) positions x 4 bytes) = 788,480 bytes.
-    assert "would need 788480 bytes (2 steps x 394240 bytes)" in str(info.value)
-    assert "max_snapshot_bytes=100000" in str(info.value)
+    # 2 steps x (1 conditional row x the prompt's 9 text positions x (32x32 + 16x16) queries x 4 bytes) = 92,160.
+    assert "would need 92160 bytes (2 steps x 46080 bytes)" in str(info.value)
+    assert "max_snapshot_bytes=50000" in str(info.value)
     assert isinstance(info.value, MemoryError)
     _assert_unpatched(sd_pipe, before)
     assert tc.records[-1].steps_seen == 0 and not tc.records[-1].slots
@@ -361,7 +362,9 @@ def test_snapshot_estimate_is_exact(request, fixture, mode, size):
         rec = tc.records[-1]
         actual = sum(s.buf.numel() * s.buf.element_size() for s in rec.slots.values())
         acc = tc.accumulator
-        assert step_bytes(acc.options, acc.layers, rec.latent_hw, rec.rows.stop - rec.rows.start, 77) == actual
+        rows, n_tokens = rec.rows.stop - rec.rows.start, len(rec.positions)
+        assert n_tokens == 9  # the prompt's positions (start, 7 tokens, end), the default capture
+        assert step_bytes(acc.options, acc.layers, rec.latent_hw, rows, n_tokens) == actual
         if mode.get("mid_block"):
             assert tc.layers[-1].block == "mid" and tc.layers[-1].idx in rec.slots
     with (

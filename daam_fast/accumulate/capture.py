@@ -18,7 +18,7 @@ it does not count as a step. Auxiliary passes (SD3.5's skip-layer guidance) are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,11 +38,19 @@ class Accumulator:
     Args:
         options: what to capture.
         layers: the traced layers (for the snapshot memory guard).
+        prompt_positions: ``(record, text_len) -> positions or None``: the text positions the record's prompts
+            occupy (the tracer asks the model family); None (or no callable) captures every text position.
     """
 
-    def __init__(self, options: CaptureOptions, layers: Sequence[LayerPlan]):
+    def __init__(
+        self,
+        options: CaptureOptions,
+        layers: Sequence[LayerPlan],
+        prompt_positions: Callable[[Record, int], Sequence[int] | None] | None = None,
+    ):
         self.options = options
         self.layers = list(layers)
+        self._prompt_positions = prompt_positions
         self.records: list[Record] = []
         self._index_cache: dict = {}
 
@@ -144,12 +152,23 @@ class Accumulator:
         n_text = geo.text_len
         if n_text is None:
             return
-        if opts.tokens is not None and max(opts.tokens) >= n_text:
-            raise ValueError(
-                f"tokens {[t for t in opts.tokens if t >= n_text]} out of range: the text has {n_text} positions "
-                f"(valid 0..{n_text - 1})"
-            )
-        check_budget(opts, self.layers, rec, n_text)
+        if opts.tokens is not None:
+            if max(opts.tokens) >= n_text:
+                raise ValueError(
+                    f"tokens {[t for t in opts.tokens if t >= n_text]} out of range: the text has {n_text} "
+                    f"positions (valid 0..{n_text - 1})"
+                )
+            rec.positions = tuple(opts.tokens)
+        else:
+            rec.positions = self._default_positions(rec, n_text)
+        check_budget(opts, self.layers, rec, len(rec.positions))
+
+    def _default_positions(self, rec: Record, n_text: int) -> tuple[int, ...]:
+        # Only the prompts' own positions: the heat maps keep nothing else, and a short prompt then costs a
+        # fraction of the capture work and buffer memory of the whole text window.
+        chosen = None if self._prompt_positions is None else self._prompt_positions(rec, n_text)
+        inside = sorted({int(p) for p in chosen if 0 <= p < n_text}) if chosen is not None else []
+        return tuple(inside) if inside else tuple(range(n_text))
 
     def _second_pass(self, rec: Record, batch: int) -> None:
         calls = rec.calls
@@ -187,7 +206,7 @@ class Accumulator:
             return
         rec, slot = target
         src, opts = rec.calls.src, self.options
-        cols = self._token_index(text, k.device)
+        cols, every_key = self._token_index(rec, text, k.shape[2], k.device)
         qi = q[src][:, :, image]
         out = slot.buf[rec.calls.dst]
         b = None
@@ -196,7 +215,7 @@ class Accumulator:
             b = b if b.shape[2] == 1 else b[:, :, image]
         if lse is not None:
             k_sel = k[src]
-            if opts.tokens is not None or (text.start, text.stop) != (0, k.shape[2]):
+            if not every_key:
                 k_sel = k_sel.index_select(2, cols)
                 if b is not None and b.shape[-1] != 1:
                     b = b.index_select(-1, cols)
@@ -222,7 +241,7 @@ class Accumulator:
         if target is None:
             return None
         rec, slot = target
-        idx = self._token_index(slice(0, k.shape[2]), k.device)
+        idx, _ = self._token_index(rec, slice(0, k.shape[2]), k.shape[2], k.device)
         out = slot.buf[rec.calls.dst]
         o = dispatch.fused_attention_capture(
             q, k, v, idx, scale, out, rows=rec.calls.src, backend=self.options.backend
@@ -252,22 +271,25 @@ class Accumulator:
         key = layer_idx if opts.per_layer else (h, w)
         slot = rec.slots.get(key)
         if slot is None:
-            T = n_text if opts.tokens is None else len(opts.tokens)
+            T = n_text if rec.positions is None else len(rec.positions)
             R = rec.calls.buffer_rows
             shape = (R, heads, T, n_queries) if opts.daam_compat else (R, T, n_queries)
             slot = rec.slots[key] = HeatBuffer((h, w), factor, torch.zeros(shape, dtype=torch.float32, device=device))
         return rec, slot
 
-    def _token_index(self, text: slice, device: torch.device) -> torch.Tensor:
+    def _token_index(self, rec: Record, text: slice, n_keys: int, device: torch.device) -> tuple[torch.Tensor, bool]:
         """The captured key positions of the text span as an int64 tensor on ``device`` (cached: this runs every
-        call)."""
-        key = (text.start, text.stop, device)
-        idx = self._index_cache.get(key)
-        if idx is None:
-            rel = self.options.tokens if self.options.tokens is not None else range(text.stop - text.start)
+        call), and whether they are all ``n_keys`` keys in order (then no key selection is needed)."""
+        rel = rec.positions if rec.positions is not None else tuple(range(text.stop - text.start))
+        key = (text.start, text.stop, n_keys, rel, device)
+        hit = self._index_cache.get(key)
+        if hit is None:
+            if len(self._index_cache) > 256:  # a long-lived tracer over many prompt lengths stays bounded
+                self._index_cache.clear()
             positions = [text.start + t for t in rel]
-            idx = self._index_cache[key] = torch.tensor(positions, dtype=torch.long, device=device)
-        return idx
+            every_key = positions == list(range(n_keys))
+            hit = self._index_cache[key] = (torch.tensor(positions, dtype=torch.long, device=device), every_key)
+        return hit
 
 
 def _prompt_list(value, like) -> list[str | None] | None:

@@ -30,7 +30,7 @@ class CaptureOptions:
     per_layer: bool = False
     daam_compat: bool = False
     backend: str | None = None
-    fused: bool = True
+    fused: bool = False
     keep_records: int | None = None
     snapshots: str | None = None
     max_snapshot_bytes: int | None = None

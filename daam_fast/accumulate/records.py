@@ -100,6 +100,10 @@ class Record:
     source_negative_prompts: dict[str, list[str | None] | None] = field(default_factory=dict)
     #: the first model call's geometry (None until then).
     geometry: Geometry | None = None
+    #: the text positions (relative to the text span) this call captures, set at its first model call: the
+    #: prompts' own tokens (start and end tokens included) by default, ``trace(tokens=...)`` when given, all
+    #: positions when the prompts are unknown (``prompt_embeds``).
+    positions: tuple[int, ...] | None = None
     rows: slice = field(default_factory=lambda: slice(0))
     n_images: int = 0
     has_negative: bool = False

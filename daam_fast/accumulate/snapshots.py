@@ -56,14 +56,13 @@ def step_bytes(
     return sum(per_key.values())
 
 
-def check_budget(options: CaptureOptions, layers: Iterable[LayerPlan], rec: Record, n_text: int) -> None:
+def check_budget(options: CaptureOptions, layers: Iterable[LayerPlan], rec: Record, n_tokens: int) -> None:
     """At a call's first model call: raise :class:`SnapshotBudgetError` when its snapshots would need more than
     ``options.max_snapshot_bytes`` (all traced steps x :func:`step_bytes`)."""
     if options.max_snapshot_bytes is None or rec.expected_steps is None:
         return
     n_steps = sum(1 for s in range(rec.expected_steps) if options.traces_step(s))
     rows = rec.rows.stop - rec.rows.start
-    n_tokens = n_text if options.tokens is None else len(options.tokens)
     per_step = step_bytes(options, layers, rec.latent_hw, rows, n_tokens)
     if n_steps * per_step > options.max_snapshot_bytes:
         raise SnapshotBudgetError(

@@ -118,6 +118,22 @@ class Family:
         prompt}``); ``text_len``: the call's text positions (None: the pipeline's default)."""
         raise NotImplementedError
 
+    def prompt_positions(self, pipe, prompts, source_prompts, text_len: int | None) -> set[int] | None:
+        """The text positions the tokens of ``prompts`` occupy (start and end tokens included), over all of them.
+
+        ``prompts``: one string per image (None entries, or ``prompts`` None, mean unknown: returns None);
+        ``source_prompts``: ``{source name: one prompt per image, or None}``; ``text_len``: the call's text
+        positions.
+        """
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            return None
+        positions: set[int] = set()
+        for i, prompt in enumerate(prompts):
+            own = {name: values[i] for name, values in (source_prompts or {}).items() if values}
+            for src in self.text_sources(pipe, prompt, own, text_len):
+                positions.update(range(src.offset, src.offset + src.tokens.n_tokens()))
+        return positions
+
     def heat_map(
         self,
         pipe,

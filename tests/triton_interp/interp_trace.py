@@ -66,7 +66,7 @@ def test_traced_maps_with_triton_equal_torch_backend(sd_pipe, monkeypatch, launc
 
 @pytest.mark.parametrize("daam_compat", [False, True])
 def test_fused_attention_capture_in_the_processor(sd_pipe, monkeypatch, daam_compat):
-    # fused=True (default) with the Triton backend: the UNet cross-attention output and its capture come from
+    # fused=True (opt-in) with the Triton backend: the UNet cross-attention output and its capture come from
     # one kernel (the unconditional CFG half through SDPA); maps equal the torch backend's, the image SDPA's
     # to fp32 rounding.
     fused_calls = []
@@ -81,7 +81,24 @@ def test_fused_attention_capture_in_the_processor(sd_pipe, monkeypatch, daam_com
     expected, image = _run(sd_pipe, daam_compat=daam_compat)
     assert fused_calls == []
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
-    got, fused_image = _run(sd_pipe, daam_compat=daam_compat)
+    got, fused_image = _run(sd_pipe, daam_compat=daam_compat, fused=True)
     assert fused_calls and all(shape[0] == 1 for shape in fused_calls)  # only the conditional row is fused
     torch.testing.assert_close(got, expected, atol=ATOL_OF_PEAK * expected.abs().max().item(), rtol=RTOL)
     assert (fused_image - image).abs().max() < 1e-4
+
+
+def test_default_trace_keeps_the_image_bit_identical_with_triton_active(sd_pipe, monkeypatch, launches):
+    # The Triton backend is the automatic pick here (interpreter), and the fused kernel is available: a default
+    # trace must still leave the model's own attention kernel in place, so the image is unchanged bit for bit.
+    fused_calls = []
+    monkeypatch.setattr(triton_fused, "fused_attention_capture", lambda *a, **k: fused_calls.append(1))
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    kw = dict(
+        prompt="a red circle and a blue square", height=64, width=64, num_inference_steps=1, output_type="np"
+    )
+    plain = sd_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    maps, traced = _run(sd_pipe)
+    assert launches, "the default trace never reached the Triton capture kernels"
+    assert fused_calls == []
+    assert torch.equal(traced, torch.from_numpy(plain))
+    assert maps.abs().sum() > 0

@@ -223,7 +223,7 @@ _T5_CORPUS = (
 
 
 @functools.cache
-def _t5_vocab(vocab_size: int = 120) -> tuple[tuple[str, float], ...]:
+def _t5_model(vocab_size: int = 120) -> bytes:
     import io
 
     import sentencepiece as spm
@@ -244,16 +244,29 @@ def _t5_vocab(vocab_size: int = 120) -> tuple[tuple[str, float], ...]:
         minloglevel=2,
         num_threads=1,
     )
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return model.getvalue()
+
+
+@functools.cache
+def _t5_vocab() -> tuple[tuple[str, float], ...]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=_t5_model())
     return tuple((sp.id_to_piece(i), float(sp.get_score(i))) for i in range(sp.get_piece_size()))
 
 
 def t5_tokenizer(model_max_length: int = 512):
-    """A tiny T5 tokenizer (transformers' tokenizers-backed ``T5Tokenizer``, so it has offsets): a BPE
-    sentencepiece model trained offline on a few sentences, with T5's special-token layout."""
+    """A tiny T5 tokenizer: a BPE sentencepiece model trained offline on a few sentences, with T5's special-token
+    layout. transformers 5: its tokenizers-backed ``T5Tokenizer`` (offsets); 4.x: the sentencepiece-backed slow
+    ``T5Tokenizer``, what 4.x pipelines have."""
+    import transformers
     from transformers import T5Tokenizer
 
-    return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=model_max_length)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return T5Tokenizer(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=model_max_length)
+    path = Path(tempfile.mkdtemp(prefix="daam_fast_t5_")) / "spiece.model"
+    path.write_bytes(_t5_model())
+    return T5Tokenizer(vocab_file=str(path), extra_ids=0, model_max_length=model_max_length, legacy=True)
 
 
 def _t5_encoder(d_model: int, seed: int):

@@ -38,10 +38,11 @@ build_venv() {
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv" &&
         "$venv/bin/python" -m pip install -q -r "compat/$stack.txt" -r compat/test-deps.txt &&
-        # Only for its CLIP BPE vocabulary file; --no-deps keeps torchvision out (as in the Makefile).
-        "$venv/bin/python" -m pip install -q --no-deps clip-anytorch==2.6.0 &&
         DAAM_FAST_BUILD_CUDA=0 "$venv/bin/python" -m pip install -q --no-deps -e . &&
         "$venv/bin/python" -m pip check &&
+        # Only for its CLIP BPE vocabulary file; --no-deps keeps torchvision out (as in the Makefile), so it comes
+        # after pip check, which would count its missing dependencies.
+        "$venv/bin/python" -m pip install -q --no-deps clip-anytorch==2.6.0 &&
         touch "$stamp"
 }
 
@@ -57,7 +58,7 @@ for stack in "${STACKS[@]}"; do
     echo "== $stack: building .compat/$stack"
     if ! build_venv "$stack" > "$OUT/$stack-install.log" 2>&1; then
         echo "   venv build failed, see $OUT/$stack-install.log"
-        tail -20 "$OUT/$stack-install.log"
+        grep -v "WARNING: Location" "$OUT/$stack-install.log" | tail -20
         echo "| $stack | ? | ? | ? | venv build failed | - | $(($(date +%s) - t0)) |" >> "$summary"
         failed=1
         continue

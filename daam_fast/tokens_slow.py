@@ -82,14 +82,13 @@ def _text_token_test(tokenizer):
 
 def _token_texts(tokenizer, ids: Sequence[int]) -> list:
     """Per token: its bytes, ``None`` for a special token, or ``_WILD`` for an unknown token."""
-    special = set(tokenizer.all_special_ids)
-    wild_unk = _wild_unk(tokenizer)
+    is_text, wild_unk = _text_token_test(tokenizer), _wild_unk(tokenizer)
     byte_decoder = getattr(tokenizer, "byte_decoder", None)
     out: list = []
     for i, tok in zip(ids, tokenizer.convert_ids_to_tokens(list(ids)), strict=True):
         if i == wild_unk:
             out.append(_WILD)
-        elif i in special:
+        elif not is_text(i):
             out.append(None)
         elif byte_decoder is not None:
             tok = tok[: -len("</w>")] if tok.endswith("</w>") else tok
@@ -113,7 +112,7 @@ def _stream(texts: list) -> list[tuple[str | None, list[int]]]:
         nonlocal buf, owners
         text = buf.decode("utf-8", errors="replace")
         if len(text.encode("utf-8")) != len(buf):  # invalid bytes: give up attributing bytes per character
-            text, per_char = text, [sorted(set(owners))] * len(text)
+            per_char = [sorted(set(owners))] * len(text)
         else:
             per_char, k = [], 0
             for ch in text:

@@ -5,6 +5,8 @@ which version it needs."""
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -72,7 +74,7 @@ def test_newer_diffusers_calls_installed_processor_and_stays_exact(request, fami
     assert torch.equal(image, plain) and torch.equal(checked_image, plain)
     torch.testing.assert_close(maps, checked_maps, rtol=1e-5, atol=1e-6)
     logged = [r.getMessage() for r in caplog.records if r.name == "daam_fast.processors.versions"]
-    assert len(logged) == 1 and "diffusers 0.99.0 is outside the versions" in logged[0], logged
+    assert len(logged) == 1 and "diffusers 0.99.0 is not a release daam_fast's processors" in logged[0], logged
 
 
 def _copies_body(proc) -> bool:
@@ -80,10 +82,18 @@ def _copies_body(proc) -> bool:
     return bool(getattr(proc, "reproduces_original", False) or getattr(proc, "body_checked", False))
 
 
-def test_checked_range_includes_installed_release():
-    # The installed diffusers is one the matrix runs on, so the copied bodies are in use here.
-    lo, hi = versions.TESTED_DIFFUSERS
-    assert lo <= diffusers_version()[:2] <= hi
+def test_checked_releases_are_the_tested_stacks():
+    # The series whose bodies are copied are exactly those of the pinned stack and the compat stacks, and the
+    # installed diffusers (one of them) runs the copies.
+    root = Path(__file__).resolve().parents[1]
+    pins = [root / "constraints.txt", *sorted((root / "compat").glob("*.txt"))]
+    found = {
+        tuple(int(x) for x in m.groups())
+        for p in pins
+        for m in re.finditer(r"^diffusers==(\d+)\.(\d+)", p.read_text(), re.M)
+    }
+    assert found == set(versions.TESTED_DIFFUSERS)
+    assert diffusers_version()[:2] in versions.TESTED_DIFFUSERS
     assert versions.reproduces_bodies()
 
 

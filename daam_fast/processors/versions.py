@@ -9,10 +9,10 @@ Two kinds of dependence on diffusers' internals:
 - **Processor bodies reproduced step by step** (``AttnProcessor2_0``, ``FusedAttnProcessor2_0``,
   ``XFormersAttnProcessor``, ``JointAttnProcessor2_0``, Flux's native ``FluxAttnProcessor``), so the attention
   kernel's lse can be kept while the output stays bit-identical. Such a copy is right only for the diffusers
-  releases it was checked on: :func:`reproduces_bodies` is True for the release series the compatibility matrix
-  covers (``make test-compat``: :data:`TESTED_DIFFUSERS`). On any other diffusers the capture processors call
-  the installed processor for the output and compute the maps' normalisation themselves (exact by construction,
-  slower), and say so once in the log.
+  releases it was checked on: :func:`reproduces_bodies` is True for the release series the tests run on
+  (``make test``'s pinned stack and ``make test-compat``'s stacks: :data:`TESTED_DIFFUSERS`). On any other
+  diffusers the capture processors call the installed processor for the output and compute the maps'
+  normalisation themselves (exact by construction, slower), and say so once in the log.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: (oldest, newest) diffusers release series (major, minor) whose processor bodies the matrix checks: the copies
-#: in unet.py and joint.py produce bit-identical images on every series in between.
-TESTED_DIFFUSERS = ((0, 30), (0, 42))
+#: diffusers release series (major, minor) whose processor bodies the tests check (constraints.txt and
+#: compat/*.txt; tests/test_versions.py keeps the two in step): there the copies in unet.py and joint.py give
+#: bit-identical images.
+TESTED_DIFFUSERS = frozenset({(0, 30), (0, 37), (0, 42)})
 #: Flux's ``FluxAttnProcessor`` / ``_get_qkv_projections`` and the attention dispatcher arrived in diffusers 0.35.
 FLUX_MIN = (0, 35)
 DISPATCH_MIN = (0, 35)
@@ -74,17 +75,15 @@ def reproduces_bodies() -> bool:
     step by step (see the module docstring). Logs once when it is not."""
     import diffusers
 
-    lo, hi = TESTED_DIFFUSERS
-    if lo <= diffusers_version()[:2] <= hi:
+    if diffusers_version()[:2] in TESTED_DIFFUSERS:
         return True
     if diffusers.__version__ not in _logged:
         _logged.add(diffusers.__version__)
         logger.warning(
-            "diffusers %s is outside the versions daam_fast's processors were checked against (%s to %s.x): "
-            "tracing calls the installed attention processors for the output and normalises the maps itself "
-            "(exact, slower than reusing the attention kernel's log-sum-exp)",
+            "diffusers %s is not a release daam_fast's processors were checked against (%s): tracing calls the "
+            "installed attention processors for the output and normalises the maps itself (exact, slower than "
+            "reusing the attention kernel's log-sum-exp)",
             diffusers.__version__,
-            _fmt(lo),
-            _fmt(hi),
+            ", ".join(_fmt(v) + ".x" for v in sorted(TESTED_DIFFUSERS)),
         )
     return False

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test bench lint clean cuda-headers browser browser-if-possible ui figures
+.PHONY: venv demo test test-compat bench lint clean cuda-headers browser browser-if-possible ui figures
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ cuda-headers:
 
 test: $(STAMP) cuda-headers browser-if-possible
 	$(PY) -m pytest -q
+
+# The core tests and `daam-fast demo` on other stacks (compat/*.txt: oldest supported diffusers/transformers,
+# newest transformers 4.x, newest Triton), one venv each under .compat/; results in compat-out/summary.md.
+test-compat:
+	PYTHON=$(PYTHON) scripts/test_compat.sh
 
 # The UI's browser test needs Chromium; where it cannot be installed (no root, no apt) that test skips.
 browser-if-possible:
@@ -50,4 +55,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check daam_fast tests benchmarks
 
 clean:
-	rm -rf $(VENV) daam-out bench-out gpu-check-out build *.egg-info
+	rm -rf $(VENV) .compat compat-out daam-out bench-out gpu-check-out build *.egg-info

@@ -6,7 +6,8 @@ sequence in the tokenised prompt. That goes wrong in several ways: ``"us"`` matc
 scripts without spaces have no defined answer. Here the prompt is encoded exactly as the pipeline encodes it,
 with the fast tokenizer's ``offset_mapping`` (character spans in the ORIGINAL prompt, also when the
 tokenizer's normaliser lowercases or NFC-composes), and a word's positions are the tokens whose span overlaps
-the word's characters.
+the word's characters. A slow tokenizer (transformers 4.x) gives no offsets; its own tokens, the ones the
+pipeline feeds the model, are aligned to the prompt instead (:mod:`daam_fast.tokens_slow`).
 
 Words. A word is a maximal run of letters, combining marks and digits (Unicode categories L, M, N), so
 punctuation and spaces separate words: ``"cat,"``, ``"(cat)"`` and ``"cat's"`` all contain the word ``cat``
@@ -34,6 +35,8 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from .tokens_slow import can_align, nfc_with_spans, slow_offsets, window_offsets
 
 __all__ = [
     "PromptTokens",
@@ -126,26 +129,6 @@ class _Segment:
     spans: tuple[tuple[int, int], ...]  # original character span of each char of ``norm`` (only for unspaced)
 
 
-def _nfc_with_spans(text: str, start: int, end: int) -> tuple[str, list[tuple[int, int]]]:
-    """NFC of ``text[start:end]`` and, per output character, the original span it came from.
-
-    Composition only joins a starter with the characters after it, so normalising each starter + its
-    followers on its own gives the same string; Hangul medial/final jamo compose with the syllable before
-    them although they are starters, so they never begin a chunk.
-    """
-    out: list[str] = []
-    spans: list[tuple[int, int]] = []
-    a = start
-    for b in range(start + 1, end + 1):
-        if b < end and (unicodedata.combining(text[b]) or 0x1160 <= ord(text[b]) <= 0x11FF):
-            continue
-        chunk = unicodedata.normalize("NFC", text[a:b])
-        out.append(chunk)
-        spans.extend([(a, b)] * len(chunk))
-        a = b
-    return "".join(out), spans
-
-
 def _segment(text: str) -> list[_Segment]:
     """Words of ``text`` (weight syntax blanked out first): maximal runs of L/M/N characters of one kind."""
     masked = strip_weighting(text)
@@ -162,7 +145,7 @@ def _segment(text: str) -> list[_Segment]:
             runs.append([i, i + 1, unspaced])
     segments = []
     for a, b, unspaced in runs:
-        norm, spans = _nfc_with_spans(text, a, b)
+        norm, spans = nfc_with_spans(text, a, b)
         if unspaced:
             segments.append(_Segment(a, b, True, norm, tuple(spans)))
         else:
@@ -352,20 +335,27 @@ class PromptTokens:
 
 # ----------------------------------------------------------------------------------------------- encoding
 def _encode(tokenizer, prompt: str, **kwargs) -> tuple[list[int], list[tuple[int, int]]]:
-    need_fast = (
-        f"{type(tokenizer).__name__} gives no offsets mapping; daam_fast maps words to tokens through character "
-        f"offsets, so a fast tokenizer (a transformers PreTrainedTokenizerFast, e.g. AutoTokenizer with "
-        f"use_fast=True) is required"
-    )
-    if getattr(tokenizer, "is_fast", True) is False:
-        raise TypeError(need_fast)
-    try:
-        enc = tokenizer(prompt, return_offsets_mapping=True, **kwargs)
-    except NotImplementedError as e:  # what transformers' Python (slow) tokenizers raise for offsets
-        raise TypeError(need_fast) from e
-    if "offset_mapping" not in enc:
-        raise TypeError(need_fast)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    """``input_ids`` of ``tokenizer(prompt, **kwargs)`` and each token's character span in ``prompt``: the fast
+    tokenizer's ``offset_mapping``, or for a slow tokenizer its own tokens aligned to the prompt."""
+    if getattr(tokenizer, "is_fast", True) is not False:
+        try:
+            enc = tokenizer(prompt, return_offsets_mapping=True, **kwargs)
+        except NotImplementedError:  # what transformers' Python (slow) tokenizers raise for offsets
+            enc = {}
+        if "offset_mapping" in enc:
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if not can_align(tokenizer):
+        raise TypeError(
+            f"{type(tokenizer).__name__} gives no offsets mapping and its tokens are neither byte-level BPE nor "
+            f"SentencePiece pieces, so daam_fast cannot map words to tokens; a fast tokenizer (a transformers "
+            f"PreTrainedTokenizerFast, e.g. AutoTokenizer with use_fast=True) is required"
+        )
+    # The ids the pipeline feeds the model are the slow tokenizer's own: align its tokens to the prompt.
+    ids = list(tokenizer(prompt, **kwargs)["input_ids"])
+    if not kwargs.get("truncation"):
+        return ids, slow_offsets(tokenizer, prompt, ids)
+    full = list(tokenizer(prompt, truncation=False, verbose=False)["input_ids"])
+    return ids, window_offsets(tokenizer, ids, full, slow_offsets(tokenizer, prompt, full))
 
 
 def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> PromptTokens:
@@ -373,8 +363,9 @@ def tokenize_prompt(tokenizer, prompt: str, max_length: int | None = None) -> Pr
 
     The window is ``tokenizer(prompt, truncation=True, max_length=max_length)`` with ``max_length`` defaulting
     to ``tokenizer.model_max_length`` (77 for CLIP: start + 75 prompt tokens + end), exactly the pipeline's
-    call minus its padding. ``tokenizer`` must be a Hugging Face fast tokenizer (offsets mapping), else
-    ``TypeError``.
+    call minus its padding. ``tokenizer`` is a Hugging Face fast tokenizer (offsets mapping) or a transformers
+    4.x slow one with byte-level BPE or SentencePiece tokens (CLIP, T5), whose tokens are aligned to the prompt
+    (:mod:`daam_fast.tokens_slow`); any other raises ``TypeError``.
 
     Truncation: a word with no token left in the window is dropped (not in ``words``, querying it raises
     ``TruncatedWordError``); a word whose tokens are partly cut keeps its surviving tokens in ``words``. Both

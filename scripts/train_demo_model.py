@@ -265,8 +265,21 @@ def export(folder: Path, vae, unet, text_encoder, scheduler) -> None:
         kwargs = {} if name == "scheduler" else {"safe_serialization": True}
         getattr(pipe, name).save_pretrained(str(tmp / name), **kwargs)
     pipe.save_config(str(tmp))  # model_index.json
+    _prefix_text_model_keys(tmp / "text_encoder" / "model.safetensors")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def _prefix_text_model_keys(path: Path) -> None:
+    """Store CLIPTextModel's weights under "text_model.", as checkpoints on the hub do: transformers 5 writes them
+    without it, and transformers 4.x would then not read them (it would run a randomly initialised encoder)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k if k.startswith("text_model.") else "text_model." + k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
 
 
 TOKENIZER_CONFIG = {

@@ -8,7 +8,11 @@ import math
 
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+try:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+except ImportError:  # diffusers < 0.35: no Flux tracing (tests/test_joint.py skips it)
+    FluxAttnProcessor = None
 
 
 def _rope64(x: torch.Tensor, emb) -> torch.Tensor:

@@ -15,6 +15,12 @@ from fake_kernels import fake_flash_attn_modules, fake_sage_modules, fake_xforme
 from daam_fast import trace
 from daam_fast.processors import lse_sources
 from daam_fast.processors.lse_sources import SOURCES, diffusers_attention_with_lse
+from daam_fast.processors.versions import DISPATCH_MIN, DiffusersVersionError, diffusers_version
+
+DISPATCH_TOO_OLD = diffusers_version()[:2] < DISPATCH_MIN
+needs_dispatch = pytest.mark.skipif(
+    DISPATCH_TOO_OLD, reason="diffusers' attention dispatcher (attention_dispatch) arrived in diffusers 0.35"
+)
 
 OPTIONAL = {"xformers": "xformers", "flash_attn": "flash_attn", "flash_attn_3": "flash_attn_interface",
             "sage": "sageattention"}  # fmt: skip
@@ -56,6 +62,7 @@ def _assert_lse_close(lse, q, k, scale=None, bias=None):
 # -- optional packages ------------------------------------------------------------------------------
 
 
+@needs_dispatch
 def test_optional_kernels_are_imported_lazily():
     import diffusers.models.attention_dispatch  # noqa: F401  (imports the optional kernels that are installed)
 
@@ -125,6 +132,13 @@ def test_blhd_kernel_lse_contract(monkeypatch, name, dtype):
 # -- diffusers' dispatch_attention_fn backends ------------------------------------------------------
 
 
+@pytest.mark.skipif(not DISPATCH_TOO_OLD, reason="the dispatcher exists in this diffusers")
+def test_dispatcher_backends_name_the_minimum_diffusers():
+    q, k, v = _qkv()
+    with pytest.raises(DiffusersVersionError, match=r"attention dispatcher.*needs diffusers >= 0\.35; installed"):
+        diffusers_attention_with_lse(q, k, v)
+
+
 def _dispatch(q, k, v, backend, **kw):
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -144,6 +158,7 @@ def _dispatch(q, k, v, backend, **kw):
         ("flex", torch.bfloat16, False),
     ],
 )
+@needs_dispatch
 def test_diffusers_backend_output_is_the_backends_and_lse_is_exact(backend, dtype, masked):
     q, k, v = _qkv(dtype=dtype)
     mask = None
@@ -161,6 +176,7 @@ def test_diffusers_backend_output_is_the_backends_and_lse_is_exact(backend, dtyp
     _assert_lse_close(lse, q, k, bias=bias)
 
 
+@needs_dispatch
 def test_diffusers_active_backend_is_used():
     from diffusers.models.attention_dispatch import attention_backend
 
@@ -172,6 +188,7 @@ def test_diffusers_active_backend_is_used():
     torch.testing.assert_close(lse.double(), _ref_lse(q, k), atol=1e-5, rtol=1e-6)
 
 
+@needs_dispatch
 @pytest.mark.parametrize("backend", ["flash", "_flash_3", "sage", "xformers"])
 def test_diffusers_optional_backend_contract(monkeypatch, backend):
     """With stand-in kernels (made CPU-capable here) the output is what diffusers' own backend returns
@@ -197,6 +214,7 @@ def test_diffusers_optional_backend_contract(monkeypatch, backend):
     _assert_lse_close(lse, q, k)
 
 
+@needs_dispatch
 def test_backend_without_lse_keeps_output_and_says_so(caplog):
     q, k, v = _qkv()
     lse_sources._logged.discard("diffusers-_native_math")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -117,6 +119,46 @@ def test_shipped_pipeline_loads_with_from_pretrained(pipe):
     assert list(cfg.up_block_types) == ["CrossAttnUpBlock2D"] * 2
     out = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (1, shapes.SIZE, shapes.SIZE, 3) and np.isfinite(out.images).all()
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_shipped_weights_load_without_missing_or_unused_keys():
+    """Every component's weights come from the shipped files, tensor for tensor, with no "newly initialized" /
+    "not used" report: a key layout this transformers / diffusers does not read would leave random weights."""
+    from safetensors.torch import load_file
+
+    handler = _Collect()
+    # transformers' and diffusers' loggers do not propagate to the root logger: listen on them directly.
+    loggers = [logging.getLogger(name) for name in ("transformers", "diffusers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        fresh = load_pipeline()
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    bad = re.compile(r"newly initiali[sz]ed|not used|not initiali[sz]ed|missing|unexpected", re.IGNORECASE)
+    assert not [m for m in handler.messages if bad.search(m)], handler.messages
+    for name, module in (("unet", fresh.unet), ("vae", fresh.vae), ("text_encoder", fresh.text_encoder)):
+        (weights,) = (MODEL_DIR / name).glob("*.safetensors")
+        # Checkpoints on the hub store CLIPTextModel's keys under "text_model.", the layout transformers 4.x and
+        # 5.x both read; transformers 5's module itself has no such prefix.
+        stored = {k.removeprefix("text_model."): v for k, v in load_file(str(weights)).items()}
+        state = {k.removeprefix("text_model."): v for k, v in module.state_dict().items()}
+        assert set(stored) == set(state), (name, sorted(set(stored) ^ set(state))[:5])
+        for key, tensor in stored.items():
+            assert torch.equal(state[key].to(tensor.dtype), tensor), (name, key)
 
 
 def test_word_maps_land_on_rendered_objects(pipe):

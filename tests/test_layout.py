@@ -22,7 +22,10 @@ LAYERS = [
     ("model families", ["daam_fast.families"]),
     ("accumulation", ["daam_fast.accumulate"]),
     ("processors", ["daam_fast.processors"]),
-    ("heat maps, tokens, experiment folders", ["daam_fast.heatmap", "daam_fast.tokens", "daam_fast.experiment"]),
+    (
+        "heat maps, tokens, experiment folders",
+        ["daam_fast.heatmap", "daam_fast.tokens", "daam_fast.tokens_slow", "daam_fast.experiment"],
+    ),
     ("kernels", ["daam_fast.kernels"]),
     ("version", ["daam_fast.version"]),
 ]

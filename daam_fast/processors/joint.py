@@ -7,7 +7,8 @@ a single-stream block gets the already joined ``[text, image]`` sequence). The D
 image-query × text-key block of that softmax, normalised over ALL joint keys, so the processors keep the
 attention call's row log-sum-exp and hand the full joint ``q``/``k`` with the image and text spans to the sink.
 
-Each processor repeats the stock processor of diffusers 0.42.1 step by step, with the attention op that SDPA
+Each processor repeats the stock processor of diffusers 0.42.1 (checked on the releases :mod:`.versions` lists)
+step by step, with the attention op that SDPA
 (Flux: diffusers' default "native" backend, which is SDPA on ``[B, H, S, D]`` permuted views) would run, so
 the output is the same bit for bit. Any other processor, or Flux with another attention backend, keeps
 computing the output itself; the capture then recomputes ``q``/``k`` (RoPE included) and normalises on its own.
@@ -21,9 +22,14 @@ from typing import Any, Protocol
 import torch
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from .attention import attention_with_lse, mask_to_bias
+from .versions import FLUX_MIN, reproduces_bodies, require_diffusers
+
+try:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
+except ImportError:  # diffusers < 0.35: FluxCaptureProcessor refuses with the minimum version
+    FluxAttnProcessor = _get_qkv_projections = None
 
 __all__ = ["FluxCaptureProcessor", "JointCaptureSink", "SD3JointCaptureProcessor"]
 
@@ -96,7 +102,7 @@ class SD3JointCaptureProcessor:
         self.original = original
         self.sink = sink
         self.layer_idx = layer_idx
-        self.reproduces_original = type(original) is JointAttnProcessor2_0
+        self.reproduces_original = type(original) is JointAttnProcessor2_0 and reproduces_bodies()
         _mirror_signature(self, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
@@ -211,9 +217,12 @@ class FluxCaptureProcessor:
     """
 
     def __init__(self, original: Any, sink: JointCaptureSink, layer_idx: int):
+        require_diffusers("tracing Flux (FluxTransformer2DModel)", FLUX_MIN)
         self.original = original
         self.sink = sink
         self.layer_idx = layer_idx
+        # Whether this diffusers' FluxAttnProcessor body is the one repeated below (the backend is checked per call).
+        self.body_checked = reproduces_bodies()
         _mirror_signature(self, original)
 
     def __call__(
@@ -225,7 +234,7 @@ class FluxCaptureProcessor:
         image_rotary_emb=None,
         **kwargs,
     ):
-        if not _flux_native(self.original):
+        if not (self.body_checked and _flux_native(self.original)):
             out = _call_original(
                 self.original,
                 attn,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import _cuda_cudnn, attention_with_lse
+from .versions import DISPATCH_MIN, require_diffusers
 
 __all__ = [
     "DIFFUSERS_BACKENDS",
@@ -384,8 +385,10 @@ def diffusers_attention_with_lse(
     where the backend has no lse-returning counterpart in :data:`DIFFUSERS_BACKENDS` (or this call
     uses a feature it does not cover: masks for flex / flash, dropout, causal, GQA, context
     parallelism). In that case the output still comes from ``dispatch_attention_fn`` with the same
-    backend, and the capture normalises over all keys itself; this is logged once per backend.
+    backend, and the capture normalises over all keys itself; this is logged once per backend. Needs
+    diffusers >= 0.35 (else :class:`~.versions.DiffusersVersionError`).
     """
+    require_diffusers("diffusers' attention dispatcher backends (dispatch_attention_fn)", DISPATCH_MIN)
     name = _active_diffusers_backend() if backend is None else getattr(backend, "value", backend)
     plain = (
         dropout_p == 0.0

@@ -5,7 +5,8 @@ The processor that was installed decides the attention kernel. For diffusers' ``
 computes exactly what it computes, through the SDPA kernel that SDPA itself
 would pick (so the output is bit-identical); for ``XFormersAttnProcessor`` (what
 ``pipe.enable_xformers_memory_efficient_attention()`` installs) it makes the same xformers call, in
-the lse-returning form. Either way it keeps that kernel's log-sum-exp and hands ``q``, ``k`` and
+the lse-returning form (on the diffusers releases whose bodies were checked, see
+:mod:`.versions`). Either way it keeps that kernel's log-sum-exp and hands ``q``, ``k`` and
 ``lse`` to the capture sink. Any other wrapped processor (custom ones, IP-Adapter, ...) still
 produces the output itself; the capture then recomputes ``q``/``k`` and normalises on its own, so
 the image is unchanged in every case.
@@ -29,6 +30,7 @@ from diffusers.models.attention_processor import (
 from ..kernels.ops import emit_attention, register_sink
 from .attention import attention_with_lse, mask_to_bias
 from .lse_sources import xformers_with_lse
+from .versions import reproduces_bodies
 
 __all__ = ["CaptureSink", "UNetCrossAttnCaptureProcessor"]
 
@@ -77,12 +79,15 @@ class UNetCrossAttnCaptureProcessor:
         self.sink = sink
         self.layer_idx = layer_idx
         # Only these stock processors are reproduced in place (exact class: subclasses may change the
-        # computation); anything else keeps computing the output itself.
+        # computation), and only on diffusers releases whose bodies were checked; anything else keeps
+        # computing the output itself.
         self.kind = {
             AttnProcessor2_0: "sdpa",
             FusedAttnProcessor2_0: "sdpa_fused",
             XFormersAttnProcessor: "xformers",
         }.get(type(original))
+        if self.kind is not None and not reproduces_bodies():
+            self.kind = None
         self.reproduces_original = self.kind is not None
         # For the compiled path: the sink as an int, and a call counter the op mutates (keeps it alive).
         self._sink_id = register_sink(sink)

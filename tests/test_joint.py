@@ -386,3 +386,35 @@ def test_token_selection_keeps_those_rows(sd3_pipe):
     rows = [full.positions.index(2), full.positions.index(77)]
     torch.testing.assert_close(part.heat_maps, full.heat_maps[rows], rtol=1e-6, atol=0)
     assert part.compute_word_heat_map("red", source="clip").positions == [2]
+
+
+@pytest.mark.skipif(_diffusers_before(35), reason="the attention dispatcher needs diffusers >= 0.35")
+@pytest.mark.parametrize("backend,has_lse", [("native", True), ("flex", True), ("_native_math", False)])
+def test_flux_dispatcher_backends_keep_their_kernel_without_recomputing(flux_pipe, monkeypatch, backend, has_lse):
+    """Flux under any diffusers attention backend: the stock processor's body runs with that backend's own kernel
+    (bit-identical image), its lse is taken where daam_fast knows the backend's lse-returning twin (native SDPA,
+    flex), else the capture normalises on its own from the same q and k; q/k are never projected a second time."""
+    import warnings
+
+    from diffusers.models.attention_dispatch import attention_backend
+
+    from daam_fast.accumulate import Accumulator
+    from daam_fast.processors.joint import FluxCaptureProcessor
+
+    recomputed, lses = [], []
+    monkeypatch.setattr(FluxCaptureProcessor, "_recompute_capture", lambda *a, **k: recomputed.append(1))
+    real = Accumulator.on_joint_attention
+
+    def spy(self, layer_idx, q, k, lse, *args, **kwargs):
+        lses.append(lse is not None)
+        return real(self, layer_idx, q, k, lse, *args, **kwargs)
+
+    monkeypatch.setattr(Accumulator, "on_joint_attention", spy)
+    kw = dict(prompt=PROMPT, height=32, width=48, guidance_scale=3.5)
+    with attention_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex in eager mode warns that it is unfused
+        tc, naive = _traced_and_naive(flux_pipe, dict(per_layer=True), **kw)  # asserts the image bit for bit
+    assert not recomputed and lses and set(lses) == {has_lse}
+    grid = _grid(flux_pipe, 32, 48)
+    gm = tc.compute_global_heat_map()
+    torch.testing.assert_close(gm.heat_maps.double(), naive.aggregate(grid).mean(0)[gm.positions], **TOL)

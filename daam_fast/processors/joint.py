@@ -8,10 +8,12 @@ image-query × text-key block of that softmax, normalised over ALL joint keys, s
 attention call's row log-sum-exp and hand the full joint ``q``/``k`` with the image and text spans to the sink.
 
 Each processor repeats the stock processor of diffusers 0.42.1 (checked on the releases :mod:`.versions` lists)
-step by step, with the attention op that SDPA
-(Flux: diffusers' default "native" backend, which is SDPA on ``[B, H, S, D]`` permuted views) would run, so
-the output is the same bit for bit. Any other processor, or Flux with another attention backend, keeps
-computing the output itself; the capture then recomputes ``q``/``k`` (RoPE included) and normalises on its own.
+step by step, so the output is the same bit for bit: SD3's ``JointAttnProcessor2_0`` with the attention op SDPA
+would run; Flux's ``FluxAttnProcessor`` with its diffusers attention-dispatcher backend, whatever it is, called
+through :func:`.lse_sources.diffusers_attention_with_lse` (the backend's own kernel, with its lse where daam_fast
+knows the backend's lse-returning twin; otherwise the backend's output and a self-normalising capture from the
+same ``q``/``k``). Any other processor (or Flux with context parallelism) keeps computing the output itself; the
+capture then recomputes ``q``/``k`` (RoPE included) and normalises on its own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .attention import attention_with_lse, mask_to_bias
+from .lse_sources import diffusers_attention_with_lse
 from .versions import FLUX_MIN, reproduces_bodies, require_diffusers
 
 try:
@@ -183,15 +186,10 @@ class SD3JointCaptureProcessor:
         self.sink.on_joint_attention(self.layer_idx, q, k, None, slice(0, n_img), slice(n_img, k.shape[2]), d**-0.5)
 
 
-def _flux_native(processor) -> bool:
-    """True when a stock ``FluxAttnProcessor`` would run diffusers' default native (SDPA) attention backend."""
-    if type(processor) is not FluxAttnProcessor:
-        return False
-    if processor._attention_backend is not None or processor._parallel_config is not None:
-        return False
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    return _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
+def _flux_stock(processor) -> bool:
+    """True for a stock ``FluxAttnProcessor`` without context parallelism (whatever its attention backend): its body
+    is repeated here, with the attention call made through :func:`.lse_sources.diffusers_attention_with_lse`."""
+    return type(processor) is FluxAttnProcessor and processor._parallel_config is None
 
 
 def _flux_mask(attention_mask, query, key):
@@ -234,7 +232,7 @@ class FluxCaptureProcessor:
         image_rotary_emb=None,
         **kwargs,
     ):
-        if not (self.body_checked and _flux_native(self.original)):
+        if not (self.body_checked and _flux_stock(self.original)):
             out = _call_original(
                 self.original,
                 attn,
@@ -247,7 +245,10 @@ class FluxCaptureProcessor:
             self._recompute_capture(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
             return out
 
-        # The lines below follow diffusers' FluxAttnProcessor.__call__ with the native backend, step by step.
+        # The lines below follow diffusers' FluxAttnProcessor.__call__ step by step. Its attention call runs the
+        # processor's dispatcher backend through diffusers_attention_with_lse: the same kernel, with its lse where
+        # daam_fast knows that backend's lse-returning twin (native SDPA, flash, flex, sage, xformers, ...); else
+        # the backend's own output and lse None, and the capture normalises on its own, from these same q and k.
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states
         )
@@ -269,11 +270,12 @@ class FluxCaptureProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
+        hidden_states, lse = diffusers_attention_with_lse(
+            query, key, value, attn_mask=attention_mask, backend=self.original._attention_backend
+        )
         mask = _flux_mask(attention_mask, query, key)
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-        out, lse = _attention_call(q, k, v, mask)
-        self._capture(q, k, lse, encoder_hidden_states, mask, attn.head_dim)
-        hidden_states = out.permute(0, 2, 1, 3)
+        self._capture(query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), lse, encoder_hidden_states, mask,
+                      attn.head_dim)  # fmt: skip
 
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)

@@ -107,7 +107,7 @@ register_backend(
 def _register_optional_backends() -> None:
     # Optional backends register themselves on import; a missing dependency (no triton, no built
     # extension) shows up as that backend's `available()` reason, never as an import error here.
-    for module in ("triton_capture", "cuda"):
+    for module in ("triton_backend", "cuda"):
         try:
             __import__(f"{__package__}.{module}")
         except ModuleNotFoundError as exc:

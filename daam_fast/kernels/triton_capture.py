@@ -22,6 +22,7 @@ from .triton_common import (
     Blocks,
     Gpu,
     KernelCall,
+    alignment,
     bias_view,
     block_sizes,
     check_launchable,
@@ -51,11 +52,12 @@ def _capture_lse_kernel(
     sb_b, sb_h, sb_l, sb_t,
     H: tl.constexpr,
     HAS_BIAS: tl.constexpr, PER_HEAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_l = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # int64 offsets: big batches of big images overflow int32
+    D = tl.multiple_of(D, ALIGN)  # see triton_common.alignment: lets q and k rows load as vectors
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -69,8 +71,8 @@ def _capture_lse_kernel(
     out_ptrs = out_ptr + b * so_b + offs_t[None, :] * so_t + offs_l[:, None] * so_l
     acc = tl.zeros((BLOCK_L, BLOCK_T), dtype=tl.float32)
     for h in range(H):
-        q = tl.load(q_ptrs + h * sq_h, mask=mask_l[:, None] & mask_d[None, :], other=0.0)
-        kt = tl.load(k_ptrs + h * sk_h, mask=mask_d[:, None] & mask_t[None, :], other=0.0)
+        q = tl.load(q_ptrs + tl.multiple_of(h * sq_h, ALIGN), mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+        kt = tl.load(k_ptrs + tl.multiple_of(h * sk_h, ALIGN), mask=mask_d[:, None] & mask_t[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             kt = kt.to(tl.float32)
@@ -145,7 +147,7 @@ def capture_from_lse_call(
     T = k_sel.shape[2]
     per_head = out.dim() == 4
     gpu = gpu or gpu_for(q.device)
-    bl = blocks or block_sizes("capture_lse", D, T, T, L, B, q.device, q.dtype, gpu=gpu)
+    bl = blocks or block_sizes("capture_lse", D, T, T, L, q.device, q.dtype, gpu=gpu)
     bias_t, sb = bias_view(bias, (B, H, L, T), q)
     upcast, precision = upcast_for(q.dtype, gpu)
     grid = (triton.cdiv(L, bl.queries), triton.cdiv(T, bl.tokens), B)
@@ -156,7 +158,7 @@ def capture_from_lse_call(
     )  # fmt: skip
     constants = dict(
         H=H, HAS_BIAS=bias is not None, PER_HEAD=per_head, UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_D=bl.dim,
+        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_D=bl.dim, ALIGN=alignment(D, q.stride(1), k_sel.stride(1)),
     )  # fmt: skip
     return KernelCall(_capture_lse_kernel, grid, args, constants, bl)
 

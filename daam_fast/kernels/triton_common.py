@@ -42,6 +42,7 @@ __all__ = [
     "TRITON_IMPORT_ERROR",
     "Blocks",
     "Gpu",
+    "alignment",
     "bias_view",
     "block_sizes",
     "check_launchable",
@@ -82,6 +83,18 @@ jit = triton.jit if triton is not None else _no_jit
 
 #: Largest padded head dim the kernels accept (the q tile is BLOCK_L × next_pow2(D)).
 MAX_HEAD_DIM = 256
+
+
+def alignment(*values: int) -> int:
+    """The ``ALIGN`` kernel constant: the largest power of two ≤ 16 dividing every value (the head dim and the
+    head strides of q, k, v, o). Kernels mark ``D`` and each per-head offset ``tl.multiple_of(…, ALIGN)``: Triton
+    otherwise knows only what its launch specialisation tells it (an int divisible by 16, or nothing), so at
+    head dim 40 (SD 1.x) every row element loads alone, with its own 64-bit address (204 registers where 128
+    suffice, measured by the ahead-of-time report). Zero strides (broadcasts) divide everything."""
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 def check_launchable(*tensors: torch.Tensor) -> None:
@@ -175,27 +188,25 @@ def upcast_for(dtype: torch.dtype, gpu: Gpu | None) -> tuple[bool, str | None]:
 
 # Static GPU tiles: (kernel, tensor cores?) → padded head dim → (largest query block, largest token block, keys
 # per online-softmax step, num_warps, num_stages). From the ahead-of-time compile report (docs/PERFORMANCE.md,
-# "Triton kernels compiled for real GPUs"): no pick spills at head dim ≤ 128 on sm_75 … sm_90, with bias or
-# per-head output included, and capture-from-lse picks keep ≥ 2 programs resident per SM on sm_80 … sm_90. FMA
-# dots (fp32, sm_75) hold operand tiles in registers: smaller tiles, and token blocks below 77 (q read twice).
+# "GPU kernels: registers, spills and occupancy"): on sm_75 … sm_90, with bias and per-head output included, no
+# pick spills at head dim ≤ 128 except the FMA-path attention kernels at padded head dim 128 (documented there),
+# and every capture-from-lse pick keeps ≥ 2 programs resident per SM on sm_80 … sm_90. FMA dots (fp32, sm_75)
+# hold whole operand rows in registers: smaller token blocks, so T = 77 takes two (q is read twice).
+_TC_LSE, _FMA_LSE = (16, 128, 64, 8, 2), (16, 64, 64, 8, 2)
+_TC_ATTN, _FMA_ATTN = (16, 128, 32, 8, 2), (16, 64, 16, 8, 2)
 _TABLE: dict[tuple[str, bool], dict[int, tuple[int, int, int, int, int]]] = {
-    ("capture_lse", True): {16: (32, 128, 64, 8, 2), 32: (32, 128, 64, 8, 2), 64: (32, 128, 64, 8, 2),
-                            128: (32, 128, 64, 8, 2), 256: (16, 64, 64, 8, 2)},
-    ("capture_lse", False): {16: (32, 64, 64, 8, 2), 32: (32, 64, 64, 8, 2), 64: (32, 64, 64, 8, 2),
-                             128: (16, 64, 64, 8, 2), 256: (16, 32, 64, 8, 2)},
-    ("self_normalising", True): {16: (32, 128, 32, 8, 2), 32: (32, 128, 32, 8, 2), 64: (32, 128, 32, 8, 2),
-                                 128: (16, 128, 32, 8, 2), 256: (16, 32, 32, 8, 2)},
-    ("self_normalising", False): {16: (16, 64, 16, 8, 2), 32: (16, 64, 16, 8, 2), 64: (16, 64, 16, 8, 2),
-                                  128: (16, 16, 16, 8, 2), 256: (16, 16, 16, 8, 2)},
-    ("fused", True): {16: (32, 128, 32, 8, 2), 32: (32, 128, 32, 8, 2), 64: (32, 128, 32, 8, 2),
-                      128: (16, 128, 32, 8, 2), 256: (16, 32, 32, 8, 2)},
-    ("fused", False): {16: (16, 64, 16, 8, 2), 32: (16, 64, 16, 8, 2), 64: (16, 64, 16, 8, 2),
-                       128: (16, 16, 16, 8, 2), 256: (16, 16, 16, 8, 2)},
+    ("capture_lse", True): {16: _TC_LSE, 32: _TC_LSE, 64: _TC_LSE, 128: _TC_LSE, 256: (16, 64, 64, 8, 2)},
+    ("capture_lse", False): {16: _FMA_LSE, 32: _FMA_LSE, 64: _FMA_LSE, 128: _FMA_LSE, 256: (16, 16, 64, 8, 2)},
+    ("self_normalising", True): {16: _TC_ATTN, 32: _TC_ATTN, 64: _TC_ATTN, 128: _TC_ATTN, 256: (16, 32, 32, 8, 2)},
+    ("self_normalising", False): {16: _FMA_ATTN, 32: _FMA_ATTN, 64: _FMA_ATTN, 128: (16, 16, 16, 8, 2),
+                                  256: (16, 16, 16, 8, 2)},
+    ("fused", True): {16: _TC_ATTN, 32: _TC_ATTN, 64: _TC_ATTN, 128: _TC_ATTN, 256: (16, 32, 32, 8, 2)},
+    ("fused", False): {16: _FMA_ATTN, 32: _FMA_ATTN, 64: _FMA_ATTN, 128: (16, 16, 16, 8, 2), 256: (16, 16, 16, 8, 2)},
 }  # fmt: skip
 _GPU_MIN_BLOCK = 16  # tl.dot needs M, N, K ≥ 16 on GPUs
-# Programs per SM the query block is halved towards (down to _GPU_MIN_BLOCK): the kernels are latency-bound
-# (each program walks all heads in sequence), so a grid with fewer programs than this leaves SMs waiting.
-_GPU_PROGRAMS_PER_SM = 2
+# Below this many cells in the largest 2-D tile, 8 warps would leave threads with one or two cells each (on
+# tensor cores; FMA dots need 8 warps whatever the tile: ptxas spills their 4-warp variants, kernel report).
+_CELLS_FOR_8_WARPS = 2048
 
 # The interpreter's cost is per program and per op, nearly independent of tile size: one big tile.
 _INTERP_BLOCK_L = 128
@@ -220,19 +231,17 @@ def block_sizes(
     n_cols: int,
     n_keys: int,
     n_rows: int,
-    n_batch: int,
     device: torch.device,
     dtype: torch.dtype = torch.float16,
     *,
     gpu: Gpu | None = None,
 ) -> Blocks:
-    """Tiles for ``kernel`` (one of :data:`KERNELS`) on ``n_batch`` images × ``n_rows`` queries × ``n_cols``
-    selected tokens, ``head_dim``, ``n_keys`` keys, inputs of ``dtype``.
+    """Tiles for ``kernel`` (one of :data:`KERNELS`) on ``n_rows`` queries × ``n_cols`` selected tokens,
+    ``head_dim``, ``n_keys`` keys, inputs of ``dtype``.
 
     GPUs (``device`` of type cuda, or any ``device`` when ``gpu`` describes one): a measured choice for this
-    device when a measurements file has one (:func:`measured_tiles`), else the static table: the query block
-    halves (down to 16) while the grid has fewer than two programs per SM. Interpreter: the largest tiles
-    (fewest programs).
+    device when a measurements file has one (:func:`measured_tiles`), else the static table (token and key
+    blocks no larger than the tokens and keys). Interpreter: the largest tiles (fewest programs).
     """
     _check_kernel(kernel, head_dim)
     bd = pow2(head_dim)
@@ -247,12 +256,12 @@ def block_sizes(
     measured = _measured_choice(kernel, gpu, dtype, head_dim, n_cols, n_rows)
     if measured is not None:
         return measured
-    bl, bt, bs, warps, stages = _TABLE[kernel, tensor_cores(dtype, gpu)][bd]
+    tc = tensor_cores(dtype, gpu)
+    bl, bt, bs, warps, stages = _TABLE[kernel, tc][bd]
     bs = min(bs, pow2(n_keys))
     bt = min(bt, pow2(n_cols))
-    n_tok = -(-n_cols // bt)
-    while bl > _GPU_MIN_BLOCK and n_batch * -(-n_rows // bl) * n_tok < _GPU_PROGRAMS_PER_SM * gpu.sm_count:
-        bl //= 2
+    if tc and bl * max(bt, bs, bd) < _CELLS_FOR_8_WARPS:
+        warps = 4  # FMA dots keep 8: their operand rows, not the tile, fill the registers
     return Blocks(queries=bl, tokens=bt, dim=bd, keys=bs, num_warps=warps, num_stages=stages)
 
 
@@ -262,25 +271,26 @@ def tile_candidates(
     """The pruned autotuning list for one shape on ``gpu``'s architecture: what ``benchmarks/autotune_tiles.py``
     times on a GPU and ``make kernel-report`` compiles for every architecture.
 
-    Keyed on (head dim, tokens, queries): the static table's tile is the largest that does not spill with bias
-    and per-head output, so candidates only go smaller: query blocks 16 … the table's (and ≤ the queries),
-    the table's token block and, for capture from lse, half of it (two token blocks read q twice but double
-    the programs), 4 or 8 warps (8 only for tiles of ≥ 2048 cells), 2 or 3 pipeline stages.
+    Keyed on (head dim, tokens, queries): query blocks 16 up to twice the table's (and ≤ the queries), the
+    table's token block and, for capture from lse, half of it (two token blocks read q twice but double the
+    programs), 4 warps (tiles up to 4096 cells, tensor cores only) or 8 (from 2048 cells, or FMA dots), 2 or 3
+    pipeline stages. ``benchmarks/autotune_tiles.py`` drops those the kernel report shows spilling.
     """
     _check_kernel(kernel, head_dim)
     bd = pow2(head_dim)
-    table_bl, table_bt, bs, _, _ = _TABLE[kernel, tensor_cores(dtype, gpu)][bd]
+    tc = tensor_cores(dtype, gpu)
+    table_bl, table_bt, bs, _, _ = _TABLE[kernel, tc][bd]
     bs = min(bs, pow2(n_keys))
     full_t = min(table_bt, pow2(n_cols))
     token_blocks = [full_t] + ([full_t // 2] if kernel == "capture_lse" and full_t >= 32 else [])
-    max_bl = max(_GPU_MIN_BLOCK, min(table_bl, pow2(n_rows)))
+    max_bl = max(_GPU_MIN_BLOCK, min(2 * table_bl, pow2(n_rows)))
     found = []
     for bt in token_blocks:
         bl = _GPU_MIN_BLOCK
         while bl <= max_bl:
-            for warps in (4, 8):
-                if warps == 8 and bl * max(bt, bs, bd) < 2048:
-                    continue  # too small a tile for 256 threads
+            cells = bl * max(bt, bs, bd)
+            warp_counts = [w for w in (4, 8) if (w == 8 and cells >= _CELLS_FOR_8_WARPS) or (w == 4 and cells <= 4096)]
+            for warps in warp_counts if tc else [8]:
                 found += [Blocks(bl, bt, bd, bs, warps, stages) for stages in (2, 3)]
             bl *= 2
     return found

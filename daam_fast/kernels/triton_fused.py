@@ -20,6 +20,7 @@ from .triton_common import (
     Blocks,
     Gpu,
     KernelCall,
+    alignment,
     bias_view,
     block_sizes,
     check_launchable,
@@ -53,10 +54,12 @@ def _attn_capture_kernel(
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, PER_HEAD: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_l = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    D = tl.multiple_of(D, ALIGN)  # see triton_common.alignment: lets q, k, v, o rows move as vectors
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -71,10 +74,11 @@ def _attn_capture_kernel(
     heat_ptrs = out_ptr + b * sh_b + offs_t[None, :] * sh_t + offs_l[:, None] * sh_l
     acc = tl.zeros((BLOCK_L, BLOCK_T), dtype=tl.float32)
     for h in range(H):
-        q = tl.load(q_ptrs + h * sq_h, mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(q_ptrs + tl.multiple_of(h * sq_h, ALIGN), mask=mask_l[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        k_head = k_ptr + b * sk_b + h * sk_h
+        k_head = k_ptr + b * sk_b + tl.multiple_of(h * sk_h, ALIGN)
+        v_head = v_ptr + b * sv_b + tl.multiple_of(h * sv_h, ALIGN)
         m_i = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_L,), dtype=tl.float32)
         if HAS_V:
@@ -101,7 +105,7 @@ def _attn_capture_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_V:
                 v = tl.load(
-                    v_ptr + b * sv_b + h * sv_h + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
+                    v_head + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
                     mask=mask_s[:, None] & mask_d[None, :],
                     other=0.0,
                 )
@@ -115,7 +119,8 @@ def _attn_capture_kernel(
             # A branch, not a `& (pid_t == 0)` in the mask: Triton 3.9's interpreter types a block mask
             # and-ed with a scalar comparison as int32 and refuses it; the branch also skips the work.
             if pid_t == 0:
-                o_ptrs = o_ptr + b * so_b + h * so_h + offs_l[:, None] * so_l + offs_d[None, :] * so_d
+                o_head = o_ptr + b * so_b + tl.multiple_of(h * so_h, ALIGN)
+                o_ptrs = o_head + offs_l[:, None] * so_l + offs_d[None, :] * so_d
                 o_mask = mask_l[:, None] & mask_d[None, :]
                 tl.store(o_ptrs, (acc_o / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
         ksel = tl.load(
@@ -195,7 +200,7 @@ def attn_capture_call(
     per_head = out.dim() == 4
     kernel = "fused" if v is not None else "self_normalising"
     gpu = gpu or gpu_for(q.device)
-    bl = blocks or block_sizes(kernel, D, T, S, L, B, q.device, q.dtype, gpu=gpu)
+    bl = blocks or block_sizes(kernel, D, T, S, L, q.device, q.dtype, gpu=gpu)
     bias_t, sb = bias_view(bias, (B, H, L, S), q)
     upcast, precision = upcast_for(q.dtype, gpu)
     v_t, sv = (v, v.stride()) if v is not None else (k, (0, 0, 0, 0))
@@ -210,6 +215,7 @@ def attn_capture_call(
         H=H, KEY_BLOCKS=triton.cdiv(S, bl.keys), HAS_V=v is not None, HAS_BIAS=bias is not None, PER_HEAD=per_head,
         UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_S=bl.keys, BLOCK_D=bl.dim,
+        ALIGN=alignment(D, q.stride(1), k.stride(1), sv[1], so[1]),
     )  # fmt: skip
     return KernelCall(_attn_capture_kernel, grid, args, constants, bl)
 

@@ -174,6 +174,7 @@ def main(argv=None) -> int:
         "ptxas": {f"sm_{a}": cuda_resources.ptxas_version(a) for a in archs},
         "nvcc": cuda.get("nvcc"),
         "wall_s": round(time.perf_counter() - start, 1),
+        "compiled_now": len(todo),
         "triton_kernels": entries,
         "cuda_kernels": cuda.get("kernels", []),
         "cuda_error": cuda.get("error"),

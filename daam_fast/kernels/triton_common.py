@@ -7,7 +7,8 @@ and nothing can be launched. Triton decides when a ``@triton.jit`` kernel is def
 or interpreted, so ``TRITON_INTERPRET=1`` must be set **before** the kernel modules are imported.
 
 Tiles (:func:`block_sizes`): measured choices when a measurements file exists (see :func:`measured_tiles`),
-else the static table, whose every pick compiles without register spills (``make kernel-report``).
+else the static table, whose every pick ``make kernel-report`` compiles for sm_75 … sm_90 and checks for register
+spills and occupancy (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -189,9 +190,9 @@ def upcast_for(dtype: torch.dtype, gpu: Gpu | None) -> tuple[bool, str | None]:
 # Static GPU tiles: (kernel, tensor cores?) → padded head dim → (largest query block, largest token block, keys
 # per online-softmax step, num_warps, num_stages). From the ahead-of-time compile report (docs/PERFORMANCE.md,
 # "GPU kernels: registers, spills and occupancy"): on sm_75 … sm_90, with bias and per-head output included, no
-# pick spills at head dim ≤ 128 except the FMA-path attention kernels at padded head dim 128 (documented there),
-# and every capture-from-lse pick keeps ≥ 2 programs resident per SM on sm_80 … sm_90. FMA dots (fp32, sm_75)
-# hold whole operand rows in registers: smaller token blocks, so T = 77 takes two (q is read twice).
+# pick spills at head dim ≤ 128 except the attention kernels on the FMA path (documented there), and every
+# capture-from-lse pick keeps ≥ 2 programs resident per SM on sm_80 … sm_90. FMA dots (fp32, sm_75) hold whole
+# operand rows in registers: smaller token blocks, so T = 77 takes two (q is read twice).
 _TC_LSE, _FMA_LSE = (16, 128, 64, 8, 2), (16, 64, 64, 8, 2)
 _TC_ATTN, _FMA_ATTN = (16, 128, 32, 8, 2), (16, 64, 16, 8, 2)
 _TABLE: dict[tuple[str, bool], dict[int, tuple[int, int, int, int, int]]] = {

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test test-compat bench lint clean cuda-headers browser browser-if-possible ui figures
+.PHONY: venv demo test test-compat bench lint clean cuda-headers browser browser-if-possible ui figures kernel-report
 
 $(STAMP): pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ figures: $(STAMP)
 # CPU benchmarks (minutes to an hour on 2 shared cores); prints the comparison tables, also written to bench-out/.
 bench: $(STAMP)
 	DAAM_FAST_BENCH_OUT=bench-out $(PY) -m pytest benchmarks -q --benchmark-only
+
+# Registers, spills, shared memory and resident programs per SM of every GPU kernel variant the dispatcher can
+# pick, for sm_75/80/86/89/90, compiled here without a GPU (Triton's own ptxas; nvcc -Xptxas -v for csrc/).
+# Writes benchmarks/kernel_resources.json and the tables in docs/PERFORMANCE.md (~10 min on 2 cores).
+kernel-report: $(STAMP)
+	$(PY) -m benchmarks.kernel_report
 
 lint: $(STAMP)
 	$(PY) -m ruff check daam_fast tests benchmarks

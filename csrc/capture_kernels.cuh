@@ -33,6 +33,11 @@ constexpr int kBlockT = kThreadsT * kCols;
 constexpr int kChunkD = 32;        // head-dim slice staged in shared memory per step; any D works
 constexpr int kPitch = kChunkD + 1;  // +1 float: rows start in different banks
 constexpr int kMaxGridYZ = 65535;
+// __launch_bounds__'s blocks-per-SM hint: with the thread count alone, ptxas (CUDA 13) gives the fp16/bf16 capture
+// kernel 64 registers and 100 B of spills on sm_90; asking for 3 resident blocks (≤ 85 registers per thread) it
+// fits in 80 with no spill on sm_75 … sm_90, and 3 × 256 threads keep more loads in flight than 2 would.
+// Registers and spills per architecture: `make kernel-report` (docs/PERFORMANCE.md).
+constexpr int kMinBlocksPerSM = 3;
 
 struct Params {
   const void* q;  // [B, H, L, D]
@@ -110,7 +115,7 @@ __device__ __forceinline__ void score_tile(const Params& p, int b, int h, int l0
 // Grid: x = query tiles, y = column tiles, z = B · (H / heads_per_block). One block owns out cells
 // [b, head group, t0 : t0 + kBlockT, l0 : l0 + kBlockL] and sums its heads in order h = h0, h0 + 1, ...
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) capture_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) capture_kernel(const Params p) {
   __shared__ float q_s[kBlockL][kPitch];
   __shared__ float k_s[kBlockT][kPitch];
   const int l0 = blockIdx.x * kBlockL;
@@ -169,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) capture_kernel(const Params p) {
 // Grid: x = query tiles, y = B · H. Each thread keeps an online (max, sum) per row over its own columns; the
 // 16 partial results of a row are then combined by one thread in a fixed order.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) row_lse_kernel(const Params p, float* lse_out) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) row_lse_kernel(const Params p, float* lse_out) {
   __shared__ float q_s[kBlockL][kPitch];
   __shared__ float k_s[kBlockT][kPitch];
   __shared__ float part_max[kThreadsT][kBlockL];

@@ -3,6 +3,8 @@ runs once at a tiny size and returns its structure; the DAAM-style re-implementa
 maps (checked against daam_fast's ``daam_compat`` mode); the heat-buffer formula matches the tracer;
 the GPU script exits 0 with a message when there is no GPU. Nothing here asserts a timing."""
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +85,37 @@ def test_peak_rss_counts_a_transient_allocation():
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
         del x
     assert m.delta >= 60 * 2**20
+
+
+def test_tile_autotuning_without_gpu_exits_zero_with_message(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "benchmarks.autotune_tiles", "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs a CUDA GPU" in proc.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_tile_autotuning_flow_in_the_interpreter(tmp_path):
+    # The GPU script's whole flow on tiny shapes in Triton's interpreter: every candidate runs, agrees with the
+    # static tiles' result, and the file it writes is one block_sizes reads (timings here mean nothing).
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "benchmarks.autotune_tiles", "--tiny-cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "triton_tiles.json").read_text())
+    assert {e["kernel"] for e in doc["entries"]} == {"capture_lse", "fused", "self_normalising"}
+    for e in doc["entries"]:
+        assert len(e["timings"]) >= 2 and all("us" in t for t in e["timings"]), e["timings"]
+    from daam_fast.kernels.triton_common import MEASURED_TILES_ENV, Blocks, Gpu, block_sizes
+
+    first = doc["entries"][0]
+    os.environ[MEASURED_TILES_ENV] = str(tmp_path / "triton_tiles.json")
+    try:
+        got = block_sizes(first["kernel"], first["head_dim"], first["tokens"], first["keys"], first["queries"],
+                          torch.device("meta"), torch.float32, gpu=Gpu("Triton interpreter", (8, 0), 4))  # fmt: skip
+    finally:
+        del os.environ[MEASURED_TILES_ENV]
+    assert got == Blocks(**first["best"])

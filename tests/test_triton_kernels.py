@@ -12,6 +12,7 @@ every test must have run and passed, none skipped. Failures show the subprocess'
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -104,18 +105,68 @@ def test_triton_backend_refuses_cpu_tensors_when_compiling():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'daam_fast[triton]')")
+@pytest.mark.parametrize("kernel", ["capture_lse", "self_normalising", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("D", [40, 64, 80, 96, 128, 160, 256])
 @pytest.mark.parametrize("L,T,S", [(4096, 77, 77), (1024, 77, 77), (37, 1, 300), (4096, 512, 512)])
-def test_gpu_block_table(monkeypatch, D, L, T, S):
+def test_gpu_block_table(kernel, dtype, D, L, T, S):
     # The GPU branch of block_sizes, without a GPU: the tiles must be legal for tl.dot (powers of two,
-    # >= 16), cover the head dim, and fill an H100-sized grid where the shape allows it.
-    from daam_fast.kernels import triton_capture
+    # >= 16), cover the head dim, and take no more tokens or keys than there are (rounded up to 16).
+    from daam_fast.kernels.triton_common import Gpu, block_sizes
 
-    monkeypatch.setattr(triton_capture, "INTERPRET", False)
-    monkeypatch.setattr(triton_capture, "_sm_count", lambda index: 132)
-    bl = triton_capture.block_sizes(D, T, S, L, 2, torch.device("cuda", 0))
+    h100 = Gpu("NVIDIA H100 80GB HBM3", (9, 0), 132)
+    bl = block_sizes(kernel, D, T, S, L, torch.device("meta"), dtype, gpu=h100)
     for size in (bl.queries, bl.tokens, bl.dim, bl.keys):
         assert size >= 16 and size & (size - 1) == 0, bl
-    assert bl.dim >= D and bl.dim < 2 * max(D, 16) and bl.tokens <= 128 and bl.num_warps in (4, 8)
-    programs = 2 * -(-L // bl.queries) * -(-T // bl.tokens)
-    assert programs >= 132 or bl.queries == 16, (bl, programs)
+    assert bl.dim >= D and bl.dim < 2 * max(D, 16) and bl.tokens <= max(16, 2 * T) and bl.keys <= max(16, 2 * S), bl
+    assert bl.tokens <= 128 and bl.queries <= 64 and bl.num_warps in (4, 8) and bl.num_stages in (2, 3), bl
+
+
+def _tiles_file(path, entries) -> str:
+    path.write_text(json.dumps({"version": 1, "entries": entries}))
+    return str(path)
+
+
+def _entry(queries: int, device: str = "NVIDIA H200", capability=(9, 0), **best) -> dict:
+    blocks = {"queries": 16, "tokens": 64, "dim": 64, "keys": 64, "num_warps": 4, "num_stages": 3} | best
+    return {"kernel": "capture_lse", "device": device, "capability": list(capability), "dtype": "float16",
+            "head_dim": 64, "tokens": 77, "queries": queries, "best": blocks}  # fmt: skip
+
+
+def test_measured_tiles_replace_the_static_table(tmp_path, monkeypatch):
+    from daam_fast.kernels.triton_common import MEASURED_TILES_ENV, Blocks, Gpu, block_sizes
+
+    h200 = Gpu("NVIDIA H200", (9, 0), 132)
+    meta = torch.device("meta")
+    static = block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.float16, gpu=h200)
+    entries = [_entry(4096, num_warps=4), _entry(1024, num_warps=8), _entry(4096, "NVIDIA H100", num_stages=2)]
+    monkeypatch.setenv(MEASURED_TILES_ENV, _tiles_file(tmp_path / "tiles.json", entries))
+    # Same device, nearest query count (log scale): 3000 is nearer 4096 than 1024, 1500 nearer 1024.
+    got = block_sizes("capture_lse", 64, 77, 77, 3000, meta, torch.float16, gpu=h200)
+    assert got == Blocks(16, 64, 64, 64, 4, 3)
+    assert block_sizes("capture_lse", 40, 70, 77, 1500, meta, torch.float16, gpu=h200).num_warps == 8
+    # Another card of the same architecture takes its own entry first, then any same-architecture one.
+    h100 = Gpu("NVIDIA H100", (9, 0), 132)
+    assert block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.float16, gpu=h100).num_stages == 2
+    # Nothing measured for this architecture, dtype, kernel, head-dim or token bucket: the static table.
+    a100 = Gpu("NVIDIA A100", (8, 0), 108)
+    assert block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.float16, gpu=a100).num_stages == 2
+    assert block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.bfloat16, gpu=h200) == static
+    assert block_sizes("fused", 64, 77, 77, 4096, meta, torch.float16, gpu=h200).num_stages == 2
+    assert block_sizes("capture_lse", 128, 77, 77, 4096, meta, torch.float16, gpu=h200).dim == 128
+    assert block_sizes("capture_lse", 64, 8, 77, 4096, meta, torch.float16, gpu=h200).tokens == 16
+
+
+def test_malformed_tiles_file_falls_back_with_a_warning(tmp_path, monkeypatch, caplog):
+    from daam_fast.kernels.triton_common import MEASURED_TILES_ENV, Gpu, block_sizes
+
+    h200 = Gpu("NVIDIA H200", (9, 0), 132)
+    meta = torch.device("meta")
+    bad = _entry(4096)
+    del bad["capability"]
+    monkeypatch.setenv(MEASURED_TILES_ENV, _tiles_file(tmp_path / "bad.json", [bad]))
+    with caplog.at_level("WARNING", logger="daam_fast.kernels.triton_common"):
+        got = block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.float16, gpu=h200)
+    monkeypatch.delenv(MEASURED_TILES_ENV)
+    assert got == block_sizes("capture_lse", 64, 77, 77, 4096, meta, torch.float16, gpu=h200)
+    assert "ignoring measured Triton tiles" in caplog.text and "capability" in caplog.text

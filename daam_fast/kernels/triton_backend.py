@@ -13,6 +13,7 @@ import torch
 
 from . import triton_capture, triton_fused
 from .registry import Backend, register_backend
+from .triton_common import INTERPRET, MAX_HEAD_DIM, TRITON_IMPORT_ERROR
 
 __all__: list[str] = []
 
@@ -47,12 +48,12 @@ register_backend(
         priority=10,
         capture_from_lse=_capture_from_lse,
         capture_self_normalising=_capture_self_normalising,
-        devices=("cuda", "cpu") if triton_capture.INTERPRET else ("cuda",),
+        devices=("cuda", "cpu") if INTERPRET else ("cuda",),
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        max_head_dim=triton_capture.MAX_HEAD_DIM,
+        max_head_dim=MAX_HEAD_DIM,
         supports_bias=True,
         supports_per_head=True,
-        available=lambda: triton_capture.TRITON_IMPORT_ERROR,
+        available=lambda: TRITON_IMPORT_ERROR,
         extra_checks=_extra_checks,
         fused_attention=_fused_attention,
         max_fused_keys=triton_fused.MAX_FUSED_KEYS,

@@ -15,20 +15,24 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .triton_capture import (
+from .triton_common import (
     TRITON_IMPORT_ERROR,
     Blocks,
-    _jit,
+    Gpu,
+    KernelCall,
+    alignment,
     bias_view,
     block_sizes,
     check_launchable,
+    gpu_for,
+    jit,
     out_strides,
     tl,
     triton,
     upcast_for,
 )
 
-__all__ = ["MAX_FUSED_KEYS", "capture_self_normalising", "fused_attention_capture"]
+__all__ = ["MAX_FUSED_KEYS", "attn_capture_call", "capture_self_normalising", "fused_attention_capture"]
 
 #: Longest key sequence :func:`fused_attention_capture` takes. It is built for text-length keys (SD/SDXL
 #: cross-attention, 77 per CLIP window): every program streams all keys and values of each head, which
@@ -36,7 +40,7 @@ __all__ = ["MAX_FUSED_KEYS", "capture_self_normalising", "fused_attention_captur
 MAX_FUSED_KEYS = 512
 
 
-@_jit
+@jit
 def _attn_capture_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, idx_ptr, out_ptr, bias_ptr,
     L, S, T, D, scale,
@@ -50,10 +54,12 @@ def _attn_capture_kernel(
     HAS_V: tl.constexpr, HAS_BIAS: tl.constexpr, PER_HEAD: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     pid_l = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    D = tl.multiple_of(D, ALIGN)  # see triton_common.alignment: lets q, k, v, o rows move as vectors
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
@@ -68,10 +74,11 @@ def _attn_capture_kernel(
     heat_ptrs = out_ptr + b * sh_b + offs_t[None, :] * sh_t + offs_l[:, None] * sh_l
     acc = tl.zeros((BLOCK_L, BLOCK_T), dtype=tl.float32)
     for h in range(H):
-        q = tl.load(q_ptrs + h * sq_h, mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(q_ptrs + tl.multiple_of(h * sq_h, ALIGN), mask=mask_l[:, None] & mask_d[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        k_head = k_ptr + b * sk_b + h * sk_h
+        k_head = k_ptr + b * sk_b + tl.multiple_of(h * sk_h, ALIGN)
+        v_head = v_ptr + b * sv_b + tl.multiple_of(h * sv_h, ALIGN)
         m_i = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_L,), dtype=tl.float32)
         if HAS_V:
@@ -98,7 +105,7 @@ def _attn_capture_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             if HAS_V:
                 v = tl.load(
-                    v_ptr + b * sv_b + h * sv_h + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
+                    v_head + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
                     mask=mask_s[:, None] & mask_d[None, :],
                     other=0.0,
                 )
@@ -109,9 +116,13 @@ def _attn_capture_kernel(
             m_i = m_new
         lse = m_i + tl.log(l_i)
         if HAS_V:
-            o_ptrs = o_ptr + b * so_b + h * so_h + offs_l[:, None] * so_l + offs_d[None, :] * so_d
-            o_mask = mask_l[:, None] & mask_d[None, :] & (pid_t == 0)
-            tl.store(o_ptrs, (acc_o / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
+            # A branch, not a `& (pid_t == 0)` in the mask: Triton 3.9's interpreter types a block mask
+            # and-ed with a scalar comparison as int32 and refuses it; the branch also skips the work.
+            if pid_t == 0:
+                o_head = o_ptr + b * so_b + tl.multiple_of(h * so_h, ALIGN)
+                o_ptrs = o_head + offs_l[:, None] * so_l + offs_d[None, :] * so_d
+                o_mask = mask_l[:, None] & mask_d[None, :]
+                tl.store(o_ptrs, (acc_o / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
         ksel = tl.load(
             k_head + tok[None, :] * sk_s + offs_d[:, None] * sk_d, mask=mask_d[:, None] & tok_ok[None, :], other=0.0
         )
@@ -149,7 +160,7 @@ def _launch(q, k, v, token_idx, scale, out, bias, blocks: Blocks | None) -> torc
     S = k.shape[2]
     idx = _token_idx(token_idx, S, q.device)
     T = idx.numel()
-    per_head = reference._check_out(out, B, H, T, L)
+    reference._check_out(out, B, H, T, L)
     if out.dtype != torch.float32:
         raise TypeError(f"out must be float32 for the Triton kernels, got {out.dtype}")
     check_launchable(q, k, out)
@@ -162,21 +173,51 @@ def _launch(q, k, v, token_idx, scale, out, bias, blocks: Blocks | None) -> torc
         o = torch.empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if B * L == 0:
         return o
-    bl = blocks or block_sizes(D, T, S, L, B, q.device)
+    attn_capture_call(q, k, v, o, idx, scale, out, bias=bias, blocks=blocks).launch()
+    return o
+
+
+def attn_capture_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    o: torch.Tensor | None,
+    idx: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    blocks: Blocks | None = None,
+    gpu: Gpu | None = None,
+) -> KernelCall:
+    """The launch of the self-normalising (``v`` and ``o`` None) or fused kernel for already checked arguments
+    (``idx`` the ``[T]`` int64 token indices on the device, ``o`` the output ``[B, H, L, D]`` view), without
+    running it. Tensors may live on the ``meta`` device, with ``gpu`` the GPU to build for (default: ``q``'s
+    device): ``make kernel-report`` compiles the call for GPUs it lacks."""
+    B, H, L, D = q.shape
+    S = k.shape[2]
+    T = idx.numel()
+    per_head = out.dim() == 4
+    kernel = "fused" if v is not None else "self_normalising"
+    gpu = gpu or gpu_for(q.device)
+    bl = blocks or block_sizes(kernel, D, T, S, L, q.device, q.dtype, gpu=gpu)
     bias_t, sb = bias_view(bias, (B, H, L, S), q)
-    upcast, precision = upcast_for(q.dtype)
+    upcast, precision = upcast_for(q.dtype, gpu)
     v_t, sv = (v, v.stride()) if v is not None else (k, (0, 0, 0, 0))
     o_t, so = (o, o.stride()) if o is not None else (q, (0, 0, 0, 0))
     grid = (triton.cdiv(L, bl.queries), triton.cdiv(T, bl.tokens), B)
-    _attn_capture_kernel[grid](
+    args = (
         q, k, v_t, o_t, idx, out, bias_t,
         L, S, T, D, float(scale),
         *q.stride(), *k.stride(), *sv, *so, *out_strides(out, per_head), *sb,
+    )  # fmt: skip
+    constants = dict(
         H=H, KEY_BLOCKS=triton.cdiv(S, bl.keys), HAS_V=v is not None, HAS_BIAS=bias is not None, PER_HEAD=per_head,
         UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_S=bl.keys, BLOCK_D=bl.dim, num_warps=bl.num_warps,
+        BLOCK_L=bl.queries, BLOCK_T=bl.tokens, BLOCK_S=bl.keys, BLOCK_D=bl.dim,
+        ALIGN=alignment(D, q.stride(1), k.stride(1), sv[1], so[1]),
     )  # fmt: skip
-    return o
+    return KernelCall(_attn_capture_kernel, grid, args, constants, bl)
 
 
 @torch.no_grad()
@@ -201,7 +242,7 @@ def capture_self_normalising(
         scale: softmax scale.
         out: float32 ``[B, T, L]`` or ``[B, H, T, L]``, added to in place.
         bias: optional additive bias broadcastable to ``[B, H, L, S]``.
-        blocks: tile sizes; default from :func:`.triton_capture.block_sizes`.
+        blocks: tile sizes; default from :func:`.triton_common.block_sizes`.
     """
     _launch(q, k, None, token_idx, scale, out, bias, blocks)
     return out
@@ -229,7 +270,7 @@ def fused_attention_capture(
         scale: softmax scale; ``None`` means ``D ** -0.5`` as in SDPA.
         out: float32 heat buffer ``[B, T, L]`` or ``[B, H, T, L]``, added to in place.
         bias: optional additive float bias broadcastable to ``[B, H, L, S]`` (SDPA's float ``attn_mask``).
-        blocks: tile sizes; default from :func:`.triton_capture.block_sizes`.
+        blocks: tile sizes; default from :func:`.triton_common.block_sizes`.
 
     Returns:
         ``o`` ``[B, H, L, D]`` in ``q``'s dtype (fp32 accumulation), stored as ``[B, L, H, D]`` memory.

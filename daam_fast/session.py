@@ -1,11 +1,13 @@
-"""The front-end session: what ``daam-fast generate``, ``analyze`` and ``ui`` share (and ``batch`` will).
+"""The front-end session: what ``daam-fast generate``, ``analyze``, ``ui`` and ``batch`` share.
 
 - A :class:`Request` (prompt, seeds, size, steps, guidance, words), checked by :func:`make_request` before any
   model is loaded; bad values raise :class:`UsageError` naming the option and what is valid.
-- :func:`load_pipeline`: a diffusers pipeline folder (or hub id) on a device.
+- :func:`load_pipeline`: a diffusers pipeline folder (or hub id, or ``demo``: the bundled demo model) on a device;
+  :func:`default_size`: the image size a front end uses when none is given.
 - :func:`prompt_sources` / :func:`check_words`: the prompt's words as the model family's own text sources
   (tokenizers and positions) give them, so every family is handled alike (SD 1.x/2.x, SDXL, SD3, Flux).
-- :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
+- :func:`run_seed`: one traced generation of a request (what ``batch`` runs per item);
+  :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
   :func:`analyze`: the same analysis on saved maps. Both build the report in one place
   (:func:`daam_fast.report.build_report`) and return it.
 
@@ -23,16 +25,18 @@ from pathlib import Path
 from . import analysis as A
 from . import families
 from .families.base import call_default
-from .generation import trace_generation, trace_time_profile
+from .generation import Generation, trace_generation, trace_time_profile
 from .heatmap import GlobalHeatMap, HeatMapFileError
 from .report import FigureSet, build_report, sweep_and_profile, write_report, write_run
 from .tokens import PromptTokens, WordNotFoundError
 
 __all__ = [
+    "DEMO_MODEL",
     "Request",
     "UsageError",
     "analyze",
     "check_words",
+    "default_size",
     "generate",
     "load_pipeline",
     "make_request",
@@ -40,6 +44,7 @@ __all__ = [
     "parse_size",
     "pipe_kwargs",
     "prompt_sources",
+    "run_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,25 +160,48 @@ def make_request(
 
 
 # ---------------------------------------------------------------------------------------------------- pipelines
+#: ``--model demo``: the demo model shipped in ``daam_fast/demo/model`` (a local folder named demo: ``./demo``).
+DEMO_MODEL = "demo"
+
+
+def default_size(model: str) -> str:
+    """The ``WIDTHxHEIGHT`` a front end uses when none is given: the demo model's native 32x32 (it was trained
+    there; 512x512 would take minutes per image for nothing), else 512x512."""
+    return "32x32" if model == DEMO_MODEL else "512x512"
+
+
+def _load_demo(device: str, quiet: bool):
+    import torch
+
+    from .demo import load_pipeline as load_demo
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_demo(device, dtype)
+    pipe.set_progress_bar_config(desc="steps", leave=False, disable=quiet)
+    return pipe
+
+
 def _looks_local(model: str) -> bool:
     # A hub id is "name" or "org/name"; anything path-like that does not exist is a missing folder.
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
 def load_pipeline(model: str, device: str = "auto", *, quiet: bool = False, what: str = "--model"):
-    """A diffusers pipeline from a local folder or a hub id, on ``device`` (``auto``: CUDA when available, in fp16;
-    else the CPU in fp32). Raises :class:`UsageError` for a missing folder or one that is no pipeline, and
-    ``RuntimeError`` when loading fails."""
+    """A diffusers pipeline from a local folder, a hub id or :data:`DEMO_MODEL` (the bundled demo model), on
+    ``device`` (``auto``: CUDA when available, in fp16; else the CPU in fp32). Raises :class:`UsageError` for a
+    missing folder or one that is no pipeline, and ``RuntimeError`` when loading fails."""
     import torch
     from diffusers import DiffusionPipeline
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model == DEMO_MODEL:
+        return _load_demo(device, quiet)
     path = Path(model).expanduser()
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"{what} {model!r}: the folder has no model_index.json (not a diffusers pipeline folder)")
     if not path.exists() and _looks_local(model):
         raise UsageError(f"{what} {model!r}: no such folder")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, dtype=dtype)
@@ -233,6 +261,12 @@ def pipe_kwargs(pipe, request: Request) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ running
+def run_seed(pipe, request: Request, seed: int) -> Generation:
+    """One traced generation of ``request`` at ``seed`` (pipeline arguments from :func:`pipe_kwargs`): the image
+    and its maps (:class:`~daam_fast.generation.Generation`), nothing written."""
+    return trace_generation(pipe, request.prompt, seed, **pipe_kwargs(pipe, request))
+
+
 def generate(
     pipe, request: Request, out: Path, *, model: str, command: str = "generate", progress: bool = True
 ) -> dict:
@@ -252,7 +286,7 @@ def generate(
         if i == 0 and request.time_profile:
             gen, profile = trace_time_profile(pipe, request.prompt, seed, words, **kw)
         else:
-            gen = trace_generation(pipe, request.prompt, seed, **kw)
+            gen = run_seed(pipe, request, seed)
         chosen = words or A.prompt_words(gen.maps)
         run = write_run(
             out,

@@ -71,3 +71,50 @@ def test_ray_engine_refuses_more_workers_than_the_cluster_has(ray_cluster):
         engine.start()
     with pytest.raises(ValueError, match="--device cuda: the Ray cluster has no GPUs"):
         RayEngine("demo", "cuda").start()
+
+
+class _KillFirstActorOnce:
+    """The Ray engine, with its first actor killed (Ray restarts it) as soon as the first item is back."""
+
+    def __init__(self, engine):
+        self.engine, self.killed = engine, False
+
+    def start(self):
+        self.engine.start()
+
+    def check_words(self, specs, words):
+        self.engine.check_words(specs, words)
+
+    def run(self, items):
+        for outcome in self.engine.run(items):
+            if not self.killed:
+                self.killed = True
+                ray.kill(self.engine.actors[0], no_restart=False)
+            yield outcome
+
+    def close(self):
+        self.engine.close()
+
+
+def test_a_dead_actor_fails_only_its_items_in_flight_and_a_rerun_redoes_them(ray_cluster, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text(PROMPTS[0] + "\n")
+    specs = read_prompts(path, seeds="0-5", steps=3, size="32x32")
+    out = tmp_path / "out"
+    run_batch(
+        specs,
+        out,
+        _KillFirstActorOnce(RayEngine("demo", "cpu", workers=2, threads=1)),
+        model="demo",
+        progress=False,
+        summary=False,
+    )
+    records = read_index(out / "index.jsonl")
+    assert len(records) == 6  # every item ran: the others went on, on the other actor and the restarted one
+    failed = [r["id"] for r in records.values() if r["status"] == "failed"]
+    assert len(failed) <= 2  # at most what was in flight on the killed actor: one running, one queued
+    assert all("the Ray worker running it died" in records[i]["error"] for i in failed)
+    engine = LocalEngine("demo", "cpu")
+    result = run_batch(specs, out, engine, model="demo", progress=False, summary=False)
+    assert result.skipped == 6 - len(failed) and result.ok == len(failed)
+    assert all(r["status"] == "ok" for r in read_index(out / "index.jsonl").values())

@@ -29,10 +29,13 @@ __all__ = ["RayEngine", "import_ray"]
 
 logger = logging.getLogger(__name__)
 
-#: Restarts of a dead actor (it reloads its pipeline); past them the actor leaves the pool.
+#: Restarts of a dead actor (it reloads its pipeline).
 MAX_RESTARTS = 2
 #: Items queued per actor beyond the one it runs.
 QUEUED_PER_ACTOR = 1
+#: An actor whose items failed this many times in a row because it died leaves the pool: one death fails what it
+#: had in flight, so this is more than its restarts can explain.
+MAX_DEATHS_IN_A_ROW = (MAX_RESTARTS + 1) * (1 + QUEUED_PER_ACTOR)
 
 
 def import_ray():
@@ -141,13 +144,13 @@ class RayEngine:
 
     def run(self, items: Iterable[Item]) -> Iterator[Outcome]:
         """Each item's :class:`Outcome` as it finishes (not in order). An item whose actor died is a failed
-        outcome; an actor that died more than :data:`MAX_RESTARTS` times gets no more items."""
+        outcome; an actor whose items failed so :data:`MAX_DEATHS_IN_A_ROW` times in a row gets no more items."""
         ray = self.ray
         queue = deque(items)
-        deaths = {id(a): 0 for a in self.actors}
+        deaths = {id(a): 0 for a in self.actors}  # items lost to the actor's death since its last finished item
 
         def alive(actor) -> bool:
-            return deaths[id(actor)] <= MAX_RESTARTS
+            return deaths[id(actor)] < MAX_DEATHS_IN_A_ROW
 
         def submit(actor) -> None:
             if queue:
@@ -162,6 +165,7 @@ class RayEngine:
             actor, item = self._pending.pop(ref)
             try:
                 outcome = ray.get(ref)
+                deaths[id(actor)] = 0
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 deaths[id(actor)] += 1
                 outcome = Outcome(item, None, f"the Ray worker running it died: {exc}", None, 0.0, "?")

@@ -207,7 +207,7 @@ BATCH_EPILOG = """\
 examples:
   daam-fast batch prompts.txt --model demo --seeds 0-7 --words red circle blue square --out shapes-batch
   daam-fast batch prompts.jsonl --model ./sdxl --engine ray --out dataset        # one actor per GPU
-  daam-fast batch prompts.jsonl --model ./sdxl --engine ray --ray-address auto --out /shared/dataset
+  daam-fast batch prompts.jsonl --model /models/sdxl --engine ray --ray-address auto --out dataset  # a cluster
   daam-fast analyze shapes-batch                  # the summary again (also on a partial batch)
 
 PROMPTS: a text file, one prompt a line, or JSONL (*.jsonl) with the fields

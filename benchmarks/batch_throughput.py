@@ -95,9 +95,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", default=None, help="WxH (default: the model's own)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--local-threads", default=f"1,{os.cpu_count()}", help="comma-separated torch thread counts")
-    p.add_argument("--ray-workers", default=str(os.cpu_count()), help="comma-separated actor counts")
+    p.add_argument("--ray-workers", default=f"1,{os.cpu_count()}", help="comma-separated actor counts ('': none)")
     p.add_argument("--ray-threads", type=int, default=1)
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--work", default=None, help="folder for the batches' outputs (default: a new temp folder)")
     args = p.parse_args(argv)
 
     from diffusers.utils import logging as dlogging
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     dlogging.set_verbosity_error()  # loading chatter, once per engine and round
     dlogging.disable_progress_bar()
 
-    work = Path(tempfile.mkdtemp(prefix="batch-throughput-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="batch-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
     seeds = -(-args.items // len(PROMPTS))
     (work / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     specs = read_prompts(
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     if not args.device.startswith("cuda"):
         for t in (int(x) for x in args.local_threads.split(",")):
             variants.append({"name": f"local-{t}", "engine": "local", "threads": t})
-    for w in (int(x) for x in args.ray_workers.split(",")):
+    for w in (int(x) for x in args.ray_workers.split(",") if x.strip()):
         variants.append({"name": f"ray-{w}", "engine": "ray", "workers": w, "threads": args.ray_threads})
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}

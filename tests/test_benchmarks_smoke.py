@@ -3,6 +3,7 @@ runs once at a tiny size and returns its structure; the DAAM-style re-implementa
 maps (checked against daam_fast's ``daam_compat`` mode); the heat-buffer formula matches the tracer;
 the GPU script exits 0 with a message when there is no GPU. Nothing here asserts a timing."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,16 @@ def test_peak_rss_counts_a_transient_allocation():
         x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched, then freed
         del x
     assert m.delta >= 60 * 2**20
+
+
+def test_batch_throughput_script_runs(tmp_path):
+    from benchmarks import batch_throughput
+
+    argv = ["--items", "3", "--steps", "1", "--rounds", "1", "--local-threads", "1", "--ray-workers", ""]
+    threads = torch.get_num_threads()  # the script sets the local variant's threads
+    try:
+        assert batch_throughput.main([*argv, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "out" / "batch_throughput.json").read_text())["rows"]
+    assert [(r["engine"], r["items"]) for r in rows] == [("local", 3)] and rows[0]["steady_items_per_s"] > 0

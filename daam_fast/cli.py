@@ -144,6 +144,10 @@ def _batch(args: argparse.Namespace) -> int:
     if args.engine == "local":
         torch.set_num_threads(args.threads or 2)
     _quiet_diffusers(quiet=True)
+    # One items bar: not transformers' weight-loading bar per pipeline component.
+    from transformers.utils import logging as tlogging
+
+    tlogging.disable_progress_bar()
     result = batch.run_batch(
         specs,
         args.out,

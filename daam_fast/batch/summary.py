@@ -29,7 +29,7 @@ from ..heatmap import HeatMapFileError, load
 from ..report import FigureSet
 from ..session import UsageError
 from ..version import __version__
-from .store import atomic_write, dumps, read_index
+from .store import BatchDir, atomic_write, dumps, read_index
 
 __all__ = ["SUMMARY_FIELDS", "summarize"]
 
@@ -163,11 +163,7 @@ def summarize(
     index = root / "index.jsonl"
     if not index.is_file():
         raise UsageError(f"{root}: no index.jsonl (not a daam-fast batch folder, or no item finished yet)")
-    config = {}
-    if (root / "batch.json").is_file():
-        import json
-
-        config = json.loads((root / "batch.json").read_text(encoding="utf-8"))
+    config = BatchDir(root).read_config() or {}
     words = words if words is not None else config.get("words")
     records = list(read_index(index).values())
     ok = [r for r in records if r.get("status") == "ok" and r.get("complete")]

@@ -3,8 +3,8 @@
 SDXL at 1024²: cross-attention on the 64² grid (L = 4096 queries, 10 heads) and the 32² grid
 (L = 1024, 20 heads), head dim 64, 77 text keys, 2 images (CFG), fp16; T = 77 captured columns (every
 position) or 10 (a default trace of a short prompt: its own positions). The other two (H, L) pairs are timed
-too, and the dispatcher's first-use check of the Triton backend. Each benchmark also times plain SDPA on the same inputs in the same
-run and reports ``overhead_vs_sdpa`` = its median / SDPA's median in ``extra_info``.
+too, and the dispatcher's first-use check of the Triton backend. Each benchmark also times plain SDPA on the
+same inputs in the same run and reports ``overhead_vs_sdpa`` = its median / SDPA's median in ``extra_info``.
 
     pytest benchmarks/bench_kernels_gpu.py --benchmark-only --benchmark-columns=median,iqr
 """

@@ -125,9 +125,70 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    report = session.analyze(args.maps, Path(args.out), words=args.words, image=args.image)
-    print(f"wrote {len(report['figures'])} figures; report: {Path(args.out) / 'report.json'}")
+    if len(args.maps) == 1 and Path(args.maps[0]).is_dir():
+        return _analyze_batch(args)
+    out = Path(args.out or "daam-analysis")
+    report = session.analyze(args.maps, out, words=args.words, image=args.image)
+    print(f"wrote {len(report['figures'])} figures; report: {out / 'report.json'}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------- batch
+def _analyze_batch(args: argparse.Namespace) -> int:
+    from . import batch
+
+    if args.image:
+        raise UsageError("--image works with maps files; a batch folder uses each item's own image")
+    out = Path(args.out or args.maps[0])
+    summary = batch.summarize(args.maps[0], out, words=args.words, command="analyze")
+    n = summary["items"]
+    print(
+        f"summarised {n['ok']} finished item(s) of {len(summary['prompts'])} prompt(s) ({n['failed']} failed); "
+        f"{len(summary['figures'])} figures; summary: {out / 'summary.json'}"
+    )
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import batch
+
+    specs = batch.read_prompts(
+        args.prompts,
+        seeds=args.seeds,
+        steps=args.steps,
+        size=_size(args),
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale,
+        words=args.words,
+    )
+    engine = batch.make_engine(
+        args.engine, args.model, args.device, workers=args.workers, address=args.ray_address, threads=args.threads
+    )
+    if args.engine == "local":
+        torch.set_num_threads(args.threads or 2)
+    _quiet_third_party(quiet=True)  # one items bar: not the libraries' loading bars per pipeline component
+    result = batch.run_batch(
+        specs,
+        args.out,
+        engine,
+        model=args.model,
+        guidance_scale=args.guidance_scale,
+        words=args.words,
+        progress=not args.quiet,
+    )
+    for rec in result.failed[:10]:
+        print(f"failed: {rec['id']}: {rec['error']}", file=sys.stderr)
+    if len(result.failed) > 10:
+        print(f"... and {len(result.failed) - 10} more (index.jsonl has every error)", file=sys.stderr)
+    if not args.quiet:
+        tqdm.write(
+            f"{result.planned} item(s): {result.ok} done now, {result.skipped} done before, {len(result.failed)} "
+            f"failed; index: {result.out / 'index.jsonl'}; summary: {result.out / 'summary.json'}"
+        )
+    return 0 if not result.failed else BATCH_FAILED + min(len(result.failed), 100)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -168,6 +229,34 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``daam-fast batch`` exits with this plus the number of failed items (at most 100).
+BATCH_FAILED = 10
+
+BATCH_EPILOG = """\
+examples:
+  daam-fast batch prompts.txt --model demo --seeds 0-7 --words red circle blue square --out shapes-batch
+  daam-fast batch prompts.jsonl --model ./sdxl --engine ray --out dataset        # one actor per GPU
+  daam-fast batch prompts.jsonl --model /models/sdxl --engine ray --ray-address auto --out dataset  # a cluster
+  daam-fast analyze shapes-batch                  # the summary again (also on a partial batch)
+
+PROMPTS: a text file, one prompt a line, or JSONL (*.jsonl) with the fields
+  prompt (required), id, negative_prompt, seeds ("0-7", 3 or [1, 4]), steps, size ("WxH" or [w, h]);
+  a line's fields override the options. Default ids: a slug of the prompt and 8 hex digits of its hash.
+
+outputs (paths relative to --out):
+  index.jsonl                      one line per finished item: id, prompt_id, prompt, negative_prompt, seed,
+                                   steps, size, guidance_scale, status (ok|failed), complete, nonfinite, error,
+                                   image, maps, negative_maps, bytes, influence [{word, share, mass}], seconds, worker
+  items/<id>/image.png, maps.safetensors[, negative_maps.safetensors]     each written atomically
+  summary.json, summary/*.png      the dataset summary (docs/BATCH.md); batch.json: the batch's settings
+
+Rerunning the same command skips finished items and redoes the rest (failed ones too); a second batch on the
+same --out is refused while the first runs. Settings a finished item depends on must stay the same.
+
+exit codes: 0 ok, 2 bad arguments or prompts file (before anything runs), 1 runtime failure,
+  10 + N when N items failed (at most 110; the others are written).
+"""
+
 MODEL_HELP = (
     "diffusers pipeline folder, hub id (needs network), a single-file checkpoint (.safetensors / .ckpt: SD 1.x/2.x "
     "or SDXL, as WebUIs use them), or 'demo' (the demo model shipped with daam_fast)"
@@ -185,6 +274,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="keep weights on the CPU and move each model (model) or each layer (sequential, slowest, "
                    "least memory) to the GPU when it runs; needs accelerate")
     p.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (less memory at large sizes)")
+
+
+SIZE_HELP = "image WIDTHxHEIGHT, multiples of 8 (default 512x512; the demo model: 32x32)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,18 +348,46 @@ def _parser() -> argparse.ArgumentParser:
         help="re-run the analysis and figures on saved maps (*.safetensors)",
         description="Analyse saved maps: influence, overlap, dominance, figures; several files = a seed sweep.",
         epilog="examples:\n  daam-fast analyze daam-out/seed0/maps.safetensors --words red circle --out again\n"
-        "  daam-fast analyze daam-out/seed*/maps.safetensors --out sweep\n\n"
+        "  daam-fast analyze daam-out/seed*/maps.safetensors --out sweep\n"
+        "  daam-fast analyze my-batch      # a `daam-fast batch` folder: its summary.json and summary/*.png again\n\n"
         "The image next to each maps file (image.png) is used for overlays when present, or --image.\n"
         "Writes overlay_grid.png, overlap.png, dominance.png, overlays/ (with an image), seed_sweep.png\n"
         "(2+ files) and report.json with the fields of `daam-fast generate --help` (command: analyze).\n"
         "exit codes: 0 ok, 2 bad arguments or unreadable maps file, 1 runtime failure.",
         formatter_class=raw,
     )
-    a.add_argument("maps", nargs="+", help="maps file(s) written by generate, demo or GlobalHeatMap.save")
+    a.add_argument(
+        "maps", nargs="+", help="maps file(s) written by generate, demo or GlobalHeatMap.save; or a batch folder"
+    )
     a.add_argument("--words", nargs="+", default=None, help="words to analyse (default: every prompt word)")
     a.add_argument("--image", default=None, help="image for the overlays (one maps file only)")
-    a.add_argument("--out", default="daam-analysis", help="output folder (default daam-analysis)")
+    a.add_argument("--out", default=None, help="output folder (default daam-analysis; a batch folder: itself)")
     a.set_defaults(func=_analyze)
+
+    b = sub.add_parser(
+        "batch",
+        help="many prompts x seeds: images, maps and an index per item, resumable, locally or on Ray; a summary",
+        description="Run every prompt of PROMPTS over its seeds, write each item's image and maps, index and "
+        "summarise them.",
+        epilog=BATCH_EPILOG,
+        formatter_class=raw,
+    )
+    b.add_argument("prompts", metavar="PROMPTS", help="text file (one prompt a line) or JSONL (*.jsonl)")
+    b.add_argument("--model", required=True, help=MODEL_HELP)
+    b.add_argument("--out", required=True, help="output folder (created; a rerun resumes it)")
+    b.add_argument("--seeds", default="0", help="seeds of every prompt: 3, 0-7 or 1,4,9 (default 0)")
+    b.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    b.add_argument("--size", default=None, help=SIZE_HELP)
+    b.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's own")
+    b.add_argument("--negative-prompt", default=None, help="negative prompt of every item (JSONL lines may override)")
+    b.add_argument("--words", nargs="+", default=None, help="words to summarise, each in every prompt (default all)")
+    b.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    b.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default) or ray")
+    b.add_argument("--workers", type=int, default=None, help="ray: actors (default one per GPU, else CPUs/threads)")
+    b.add_argument("--ray-address", default=None, help="ray: a running cluster (default: start a local Ray)")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (local: default 2; ray: per actor, 1)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_batch)
 
     u = sub.add_parser(
         "ui",
@@ -306,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command != "analyze":  # demo and ui show their own progress, not the libraries' loading bars
-            _quiet_third_party(args.command in ("demo", "ui") or args.quiet)
+            _quiet_third_party(args.command in ("demo", "ui", "batch") or args.quiet)
         return args.func(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

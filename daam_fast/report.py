@@ -24,6 +24,7 @@ __all__ = [
     "RUN_FIELDS",
     "FigureSet",
     "build_report",
+    "json_safe",
     "safe_name",
     "sweep_and_profile",
     "write_report",
@@ -66,14 +67,15 @@ def safe_name(word: str) -> str:
     return re.sub(r"[^\w-]+", "_", word).strip("_") or "word"
 
 
-def _clean(x):
-    """Recursively turn nan / inf into None so json.dumps writes strict JSON."""
+def json_safe(x):
+    """``x`` with every nan / inf float (in nested dicts, lists, tuples) replaced by None, so ``json.dumps``
+    writes strict JSON."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -180,7 +182,7 @@ def write_report(out: Path, report: dict) -> Path:
     if missing:
         raise ValueError(f"report lacks fields {missing}")
     path = out / "report.json"
-    path.write_text(json.dumps(_clean(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 

@@ -1,4 +1,4 @@
-"""The front-end session: what ``daam-fast generate``, ``analyze`` and ``ui`` share (and ``batch`` will).
+"""The front-end session: what ``daam-fast generate``, ``analyze``, ``ui`` and ``batch`` share.
 
 - A :class:`Request` (prompt, seeds, size, steps, guidance, words), checked by :func:`make_request` before any
   model is loaded; bad values raise :class:`UsageError` naming the option and what is valid.
@@ -6,7 +6,8 @@
   single-file checkpoint, in the model family's dtype, optionally offloaded.
 - :func:`prompt_sources` / :func:`check_words`: the prompt's words as the model family's own text sources
   (tokenizers and positions) give them, so every family is handled alike (SD 1.x/2.x, SDXL, SD3, Flux).
-- :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
+- :func:`run_seed`: one traced generation of a request (what ``batch`` runs per item);
+  :func:`generate`: the request's traced generations, one per seed, with every output file and ``report.json``;
   :func:`analyze`: the same analysis on saved maps. Both build the report in one place
   (:func:`daam_fast.report.build_report`) and return it.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from . import analysis as A
 from . import families
 from .families.base import call_default
-from .generation import trace_generation, trace_time_profile
+from .generation import Generation, trace_generation, trace_time_profile
 from .heatmap import GlobalHeatMap, HeatMapFileError
 from .loading import UsageError, load_pipeline
 from .report import FigureSet, build_report, sweep_and_profile, write_report, write_run
@@ -42,6 +43,7 @@ __all__ = [
     "parse_size",
     "pipe_kwargs",
     "prompt_sources",
+    "run_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -199,6 +201,12 @@ def pipe_kwargs(pipe, request: Request) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ running
+def run_seed(pipe, request: Request, seed: int) -> Generation:
+    """One traced generation of ``request`` at ``seed`` (pipeline arguments from :func:`pipe_kwargs`): the image
+    and its maps (:class:`~daam_fast.generation.Generation`), nothing written."""
+    return trace_generation(pipe, request.prompt, seed, **pipe_kwargs(pipe, request))
+
+
 def generate(
     pipe, request: Request, out: Path, *, model: str, command: str = "generate", progress: bool = True
 ) -> dict:
@@ -218,7 +226,7 @@ def generate(
         if i == 0 and request.time_profile:
             gen, profile = trace_time_profile(pipe, request.prompt, seed, words, **kw)
         else:
-            gen = trace_generation(pipe, request.prompt, seed, **kw)
+            gen = run_seed(pipe, request, seed)
         chosen = words or A.prompt_words(gen.maps)
         run = write_run(
             out,

@@ -119,3 +119,16 @@ def test_tile_autotuning_flow_in_the_interpreter(tmp_path):
     finally:
         del os.environ[MEASURED_TILES_ENV]
     assert got == Blocks(**first["best"])
+
+
+def test_batch_throughput_script_runs(tmp_path):
+    from benchmarks import batch_throughput
+
+    argv = ["--items", "3", "--steps", "1", "--rounds", "1", "--local-threads", "1", "--ray-workers", ""]
+    threads = torch.get_num_threads()  # the script sets the local variant's threads
+    try:
+        assert batch_throughput.main([*argv, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "out" / "batch_throughput.json").read_text())["rows"]
+    assert [(r["engine"], r["items"]) for r in rows] == [("local", 3)] and rows[0]["steady_items_per_s"] > 0

@@ -1,6 +1,6 @@
 """The package's layout rules (DESIGN.md §6), read from the source: every import statement of every module —
 those inside functions too — forms a graph that has no cycle and never points up the layers
-front ends → session → tracer → families → processors → kernels; no source file passes ~500 lines."""
+front ends → batch → session → tracer → families → processors → kernels; no source file passes ~500 lines."""
 
 import ast
 from pathlib import Path
@@ -14,6 +14,7 @@ MAX_LINES = 500
 #: Every module of the package must be in one (a new module is placed on purpose).
 LAYERS = [
     ("front ends", ["daam_fast.cli", "daam_fast.ui"]),
+    ("dataset runs", ["daam_fast.batch"]),  # many items, each through the session (locally or on Ray)
     ("session", ["daam_fast.session", "daam_fast.loading"]),
     ("outputs of a session", ["daam_fast.report", "daam_fast.demo"]),
     ("traced generations", ["daam_fast.generation"]),

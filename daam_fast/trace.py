@@ -162,7 +162,7 @@ class Trace:
         ]
         #: the records and heat buffers; the processors' capture sink.
         self.accumulator = Accumulator(self.options, plans)
-        self._originals: list = []
+        self._installed: list = []  # (module, its processor before, the capture processor installed)
         self._hooks: list = []
         self._saved_check_inputs = None
         self._active = False
@@ -200,9 +200,10 @@ class Trace:
             _ACTIVE.add(self.model)
         try:
             for idx, mod in enumerate(self._modules):
-                self._originals.append(mod.processor)
                 if idx in self._enabled:
-                    mod.set_processor(self.family.processor(mod.processor, self.accumulator, idx))
+                    wrapper = self.family.processor(mod.processor, self.accumulator, idx)
+                    self._installed.append((mod, mod.processor, wrapper))
+                    mod.set_processor(wrapper)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._wrap_check_inputs()
             self._active = True
@@ -217,9 +218,12 @@ class Trace:
         self._restore()
 
     def _restore(self) -> None:
-        for mod, orig in zip(self._modules, self._originals, strict=False):
-            mod.set_processor(orig)
-        self._originals = []
+        # Only what the tracer installed and is still installed: a processor the user set inside the block
+        # (pipe.enable_attention_slicing(), set_attn_processor, ...) stays, on traced layers as on the others.
+        for mod, original, wrapper in self._installed:
+            if mod.processor is wrapper:
+                mod.set_processor(original)
+        self._installed = []
         for h in self._hooks:
             h.remove()
         self._hooks = []

@@ -310,6 +310,10 @@ class PromptTokens:
         prompt, ``TruncatedWordError`` when it (or the requested occurrence) lies beyond the window, and
         ``ValueError`` for an out-of-range ``occurrence`` or a query with no word characters.
         """
+        if not isinstance(word, str):
+            raise TypeError(f"word must be a str, got {type(word).__name__}: {word!r}")
+        if occurrence is not None and (isinstance(occurrence, bool) or not hasattr(occurrence, "__index__")):
+            raise TypeError(f"occurrence must be an int or None, got {occurrence!r} ({type(occurrence).__name__})")
         query = _segment(word)
         if not query:
             raise ValueError(f"the query {word!r} has no word characters (letters or digits)")

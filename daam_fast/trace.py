@@ -36,6 +36,7 @@ from .accumulate import (
     select_image,
     step_buffers,
 )
+from .accumulate.options import as_int, check_flag, describe
 from .families import UnsupportedPipelineError
 from .heatmap import GlobalHeatMap
 
@@ -126,7 +127,7 @@ class Trace:
         self.family = families.detect(pipe)
         self.pipe = pipe
         self.model = self.family.model(pipe)
-        located = self.family.locate(self.model, mid_block=mid_block)
+        located = self.family.locate(self.model, mid_block=check_flag("mid_block", mid_block))
         if not located:
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__}'s {type(self.model).__name__} has no cross-attention modules; "
@@ -175,6 +176,9 @@ class Trace:
     def _select_layers(self, layers) -> frozenset[int]:
         if layers is None:
             return frozenset(range(len(self.layers)))
+        what = "layers must be a list of layer indices or names"
+        if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+            raise TypeError(f"{what}, got {describe(layers)}")
         by_name = {info.name: info.idx for info in self.layers}
         chosen = set()
         for item in layers:
@@ -182,8 +186,10 @@ class Trace:
                 if item not in by_name:
                     raise ValueError(f"unknown layer {item!r}; valid names: {list(by_name)}")
                 chosen.add(by_name[item])
-            elif isinstance(item, int) and 0 <= item < len(self.layers):
-                chosen.add(item)
+            elif (idx := as_int(item)) is None:
+                raise TypeError(f"{what}, got {describe(item)} in it")
+            elif 0 <= idx < len(self.layers):
+                chosen.add(idx)
             else:
                 raise ValueError(f"layer {item!r} out of range: valid indices 0..{len(self.layers) - 1}")
         if not chosen:
@@ -320,6 +326,8 @@ class Trace:
         maps = aggregate(rec, self.options, factors, head_idx, layer_idx, bufs)  # [R, T, H, W]
         maps, text = select_image(rec, maps, image_idx, negative)
         if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
             text = ImageText(prompt)
         if text.prompt is None:
             raise ValueError("the traced call's prompt is unknown (prompt_embeds?): pass prompt=... to name its words")

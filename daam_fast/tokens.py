@@ -210,9 +210,33 @@ def _find(query: list[_Segment], words: list[_Segment]) -> list[list[tuple[int, 
     return found
 
 
-def _overlapping(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    # Special tokens carry the empty span (0, 0) in fast tokenizers, so they never overlap a word.
-    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+class _SpanIndex:
+    """Token positions whose character span overlaps a query span, ``O(log n + k)`` per query, so looking up every
+    word of a long prompt stays linear in its length.
+
+    A tokenizer's spans come in text order (starts and ends both non-decreasing), so the tokens starting before a
+    query's end are a prefix and, of those, the ones ending after its start a suffix. Special tokens carry the
+    empty span (0, 0) in fast tokenizers, so they never overlap a word and are left out. Spans out of order (a
+    foreign file) are scanned instead.
+    """
+
+    def __init__(self, offsets: Sequence[tuple[int, int]]):
+        self.offsets = offsets
+        kept = [(a, b, i) for i, (a, b) in enumerate(offsets) if b > 0]  # b <= 0 overlaps no span of the prompt
+        self.starts = [a for a, _, _ in kept]
+        self.ends = [b for _, b, _ in kept]
+        self.index = [i for _, _, i in kept]
+        self.ordered = all(x <= y for x, y in itertools.pairwise(self.starts)) and all(
+            x <= y for x, y in itertools.pairwise(self.ends)
+        )
+
+    def overlapping(self, start: int, end: int) -> list[int]:
+        """Positions ``i`` (ascending) with ``offsets[i][0] < end`` and ``offsets[i][1] > start``."""
+        if not self.ordered:
+            return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start]
+        hi = bisect.bisect_left(self.starts, end)
+        lo = bisect.bisect_right(self.ends, start, 0, hi)
+        return self.index[lo:hi]
 
 
 def _dedup(xs: Iterable):
@@ -282,10 +306,18 @@ class PromptTokens:
     def _segments(self) -> list[_Segment]:
         return _segment(self.prompt)
 
+    @functools.cached_property
+    def _window_index(self) -> _SpanIndex:
+        return _SpanIndex(self.offsets)
+
+    @functools.cached_property
+    def _untruncated_index(self) -> _SpanIndex | None:
+        return _SpanIndex(self.untruncated_offsets) if self.untruncated_offsets else None
+
     def _span_positions(self, start: int, end: int) -> tuple[list[int], int]:
         """Window positions overlapping ``prompt[start:end]`` and how many tokens overlap it untruncated."""
-        kept = _overlapping(self.offsets, start, end)
-        full = len(_overlapping(self.untruncated_offsets, start, end)) if self.untruncated_offsets else len(kept)
+        kept = self._window_index.overlapping(start, end)
+        full = len(self._untruncated_index.overlapping(start, end)) if self._untruncated_index else len(kept)
         return kept, full
 
     def _word_list(self) -> str:

@@ -22,7 +22,7 @@ LAYERS = [
     ("model families", ["daam_fast.families"]),
     ("accumulation", ["daam_fast.accumulate"]),
     ("processors", ["daam_fast.processors"]),
-    ("heat maps and tokens", ["daam_fast.heatmap", "daam_fast.tokens"]),
+    ("heat maps and tokens", ["daam_fast.heatmap", "daam_fast.heatmap_file", "daam_fast.tokens"]),
     ("kernels", ["daam_fast.kernels"]),
     ("version", ["daam_fast.version"]),
 ]

@@ -22,6 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import DEFAULT_PROMPTS, run_demo
 
+    session.check_out_dir(args.out)
     torch.set_num_threads(args.threads)
     # The demo model (daam_fast/demo/model, trained here with an attention-alignment loss) shows the tool
     # and checks its plumbing; its maps say nothing about how faithful attention is on real models.
@@ -88,6 +89,9 @@ def _generate(args: argparse.Namespace) -> int:
         words=args.words,
         time_profile=not args.no_time_profile,
     )
+    session.check_model(args.model)
+    session.check_device(args.device)
+    session.check_out_dir(args.out)
     torch.set_num_threads(args.threads)
     _quiet_diffusers(args.quiet)
     pipe = session.load_pipeline(args.model, args.device, quiet=args.quiet)
@@ -99,7 +103,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    report = session.analyze(args.maps, Path(args.out), words=args.words, image=args.image)
+    report = session.analyze(args.maps, session.check_out_dir(args.out), words=args.words, image=args.image)
     print(f"wrote {len(report['figures'])} figures; report: {Path(args.out) / 'report.json'}")
     return 0
 
@@ -111,13 +115,15 @@ def _ui(args: argparse.Namespace) -> int:
 
     session.parse_size(args.size)
     session.parse_steps(args.steps)
+    models = [session.check_model(m) for m in args.model or []]
+    session.check_device(args.device)
     torch.set_num_threads(args.threads)
     _quiet_diffusers(quiet=True)
     try:
         server = make_server(
             args.host,
             args.port,
-            model=args.model,
+            model=models,
             steps=args.steps,
             size=args.size,
             device=args.device,
@@ -136,6 +142,21 @@ def _ui(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options every command has, checked before the command does anything."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be 0..65535 (0: any free port)")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= session.MAX_SEED:
+        raise UsageError(f"--seed {seed}: must be an integer 0..{session.MAX_SEED}")
+    if args.command == "demo":
+        session.parse_steps(args.steps)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -227,7 +248,14 @@ def _parser() -> argparse.ArgumentParser:
         "request\n(the same files as `daam-fast generate`) go under --workdir (default: a new temp folder).",
         formatter_class=raw,
     )
-    u.add_argument("--model", default="", help="default model of the page (folder or hub id)")
+    u.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        default=None,
+        help="the model(s) the page offers (folders or hub ids; the first is the default); the bundled demo "
+        "model 'demo' is always offered",
+    )
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     u.add_argument("--steps", type=int, default=20, help="default steps of the page (default 20)")
@@ -250,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_numbers(args)
         return args.func(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

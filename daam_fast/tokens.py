@@ -40,7 +40,9 @@ __all__ = [
     "TruncatedWordError",
     "Word",
     "WordNotFoundError",
+    "find_in_text",
     "strip_weighting",
+    "text_words",
     "tokenize_prompt",
     "tokenize_shared",
 ]
@@ -211,24 +213,15 @@ def _find(query: list[_Segment], words: list[_Segment]) -> list[list[tuple[int, 
 
 
 class _SpanIndex:
-    """Token positions whose character span overlaps a query span, ``O(log n + k)`` per query, so looking up every
-    word of a long prompt stays linear in its length.
-
-    A tokenizer's spans come in text order (starts and ends both non-decreasing), so the tokens starting before a
-    query's end are a prefix and, of those, the ones ending after its start a suffix. Special tokens carry the
-    empty span (0, 0) in fast tokenizers, so they never overlap a word and are left out. Spans out of order (a
-    foreign file) are scanned instead.
-    """
+    """Token positions whose span overlaps a query span in ``O(log n + k)``, so a long prompt's lookups stay linear.
+    Spans come in text order (starts and ends non-decreasing): the tokens starting before the query's end are a
+    prefix, and of those the ones ending after its start a suffix. Spans out of order are scanned instead."""
 
     def __init__(self, offsets: Sequence[tuple[int, int]]):
         self.offsets = offsets
-        kept = [(a, b, i) for i, (a, b) in enumerate(offsets) if b > 0]  # b <= 0 overlaps no span of the prompt
-        self.starts = [a for a, _, _ in kept]
-        self.ends = [b for _, b, _ in kept]
-        self.index = [i for _, _, i in kept]
-        self.ordered = all(x <= y for x, y in itertools.pairwise(self.starts)) and all(
-            x <= y for x, y in itertools.pairwise(self.ends)
-        )
+        kept = [(a, b, i) for i, (a, b) in enumerate(offsets) if b > 0]  # special tokens' (0, 0) overlap nothing
+        self.starts, self.ends, self.index = ([k[j] for k in kept] for j in range(3))
+        self.ordered = all(x <= y for col in (self.starts, self.ends) for x, y in itertools.pairwise(col))
 
     def overlapping(self, start: int, end: int) -> list[int]:
         """Positions ``i`` (ascending) with ``offsets[i][0] < end`` and ``offsets[i][1] > start``."""
@@ -342,16 +335,9 @@ class PromptTokens:
         prompt, ``TruncatedWordError`` when it (or the requested occurrence) lies beyond the window, and
         ``ValueError`` for an out-of-range ``occurrence`` or a query with no word characters.
         """
-        if not isinstance(word, str):
-            raise TypeError(f"word must be a str, got {type(word).__name__}: {word!r}")
         if occurrence is not None and (isinstance(occurrence, bool) or not hasattr(occurrence, "__index__")):
             raise TypeError(f"occurrence must be an int or None, got {occurrence!r} ({type(occurrence).__name__})")
-        query = _segment(word)
-        if not query:
-            raise ValueError(f"the query {word!r} has no word characters (letters or digits)")
-        found = _find(query, self._segments)
-        if not found:
-            raise WordNotFoundError(f"{word!r} is not in the prompt {self.prompt!r}; {self._word_list()}")
+        found = self._occurrences(word)
         per_occurrence = []
         for spans in found:
             kept = _dedup(p for s, e in spans for p in self._span_positions(s, e)[0])
@@ -370,6 +356,18 @@ class PromptTokens:
             raise TruncatedWordError(self._truncated_message(word, len(found), occurrence))
         return per_occurrence[occurrence]
 
+    def _occurrences(self, word: str) -> list[list[tuple[int, int]]]:
+        """Occurrences of ``word`` (one character span per query word), or the errors :meth:`positions` raises."""
+        if not isinstance(word, str):
+            raise TypeError(f"word must be a str, got {type(word).__name__}: {word!r}")
+        query = _segment(word)
+        if not query:
+            raise ValueError(f"the query {word!r} has no word characters (letters or digits)")
+        found = _find(query, self._segments)
+        if not found:
+            raise WordNotFoundError(f"{word!r} is not in the prompt {self.prompt!r}; {self._word_list()}")
+        return found
+
     def _truncated_message(self, word: str, n_found: int, occurrence: int | None = None) -> str:
         which = f"occurrence {occurrence} of {word!r}" if occurrence is not None else repr(word)
         if occurrence is None and n_found > 1:
@@ -384,6 +382,17 @@ class PromptTokens:
     def word_positions(self) -> list[tuple[str, list[int]]]:
         """Each word occurrence kept in the window, in prompt order, with its token positions."""
         return [(w.text, list(w.positions)) for w in self.words]
+
+
+def text_words(text: str) -> list[str]:
+    """The words of ``text`` in order, as word lookup splits it (weighting syntax is no word)."""
+    return [text[s.start : s.end] for s in _segment(text)]
+
+
+def find_in_text(text: str, word: str) -> int:
+    """How often ``word`` occurs in ``text`` as :meth:`PromptTokens.positions` matches it, before any truncation
+    (no tokenizer: front ends check requests before loading a model). Raises as :meth:`PromptTokens.positions`."""
+    return len(PromptTokens(text, [], [], [], [], [], 0)._occurrences(word))
 
 
 # ----------------------------------------------------------------------------------------------- encoding

@@ -17,19 +17,35 @@ from typing import Any
 __all__ = ["Forward", "mirror_signature"]
 
 
+#: Subclasses made by :func:`mirror_signature`, one per (wrapper class, wrapped signature).
+_MIRRORS: dict[tuple[type, str], type] = {}
+
+
 def mirror_signature(processor, original) -> None:
     """Give ``processor.__call__`` the signature of ``original.__call__``, so the attention module keeps (and drops)
-    the keyword arguments it would for ``original``. Calls still go to the class's ``__call__``."""
-    call = type(processor).__call__.__get__(processor)
+    the keyword arguments it would for ``original``.
 
-    def __call__(*args, **kwargs):
-        return call(*args, **kwargs)
-
+    ``processor`` becomes an instance of a subclass of its class (same name, made once per signature) whose
+    ``__call__`` carries that signature and calls the class's own: a class attribute, not an instance one, so
+    ``torch.compile`` traces the call as any method call.
+    """
     try:
-        __call__.__signature__ = inspect.signature(original.__call__)
+        signature = inspect.signature(original.__call__)
     except (TypeError, ValueError):  # no introspectable signature: keep the wrapper's own
         return
-    processor.__call__ = __call__
+    base = type(processor)
+    key = (base, str(signature))
+    if key not in _MIRRORS:
+        base_call = base.__call__
+
+        def __call__(self, *args, **kwargs):
+            return base_call(self, *args, **kwargs)
+
+        me = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        __call__.__signature__ = signature.replace(parameters=[me, *signature.parameters.values()])
+        attrs = {"__call__": __call__, "__doc__": base.__doc__, "__module__": base.__module__}
+        _MIRRORS[key] = type(base.__name__, (base,), {**attrs, "__qualname__": base.__qualname__})
+    processor.__class__ = _MIRRORS[key]
 
 
 class Forward:

@@ -23,6 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import DEFAULT_PROMPTS, run_demo
 
+    session.check_out_dir(args.out)
     torch.set_num_threads(args.threads)
     # The demo model (daam_fast/demo/model, trained here with an attention-alignment loss) shows the tool
     # and checks its plumbing; its maps say nothing about how faithful attention is on real models.
@@ -84,8 +85,10 @@ def _quiet_third_party(quiet: bool) -> None:
 
 
 def _size(args: argparse.Namespace) -> str:
-    """``--size``, by default the model's own: 32x32 for the demo model (what it was trained at), else 512x512."""
-    return args.size or ("32x32" if args.model == loading.DEMO else "512x512")
+    """``--size``, by default the model's own: 32x32 for the demo model (what it was trained at), else 512x512.
+    (``ui``: its first ``--model``, the demo model when none is given.)"""
+    model = args.model[0] if isinstance(args.model, list) and args.model else args.model or loading.DEMO
+    return args.size or ("32x32" if model == loading.DEMO else "512x512")
 
 
 def _load(args: argparse.Namespace, **kw):
@@ -115,6 +118,9 @@ def _generate(args: argparse.Namespace) -> int:
         words=args.words,
         time_profile=not args.no_time_profile,
     )
+    session.check_model(args.model, args.config)
+    session.check_device(args.device)
+    session.check_out_dir(args.out)
     torch.set_num_threads(args.threads)
     pipe = _load(args, quiet=args.quiet)
     report = session.generate(pipe, request, Path(args.out), model=args.model, progress=not args.quiet)
@@ -127,7 +133,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     if len(args.maps) == 1 and Path(args.maps[0]).is_dir():
         return _analyze_batch(args)
-    out = Path(args.out or "daam-analysis")
+    out = session.check_out_dir(args.out or "daam-analysis")
     report = session.analyze(args.maps, out, words=args.words, image=args.image)
     print(f"wrote {len(report['figures'])} figures; report: {out / 'report.json'}")
     return 0
@@ -164,6 +170,8 @@ def _batch(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         words=args.words,
     )
+    session.check_model(args.model)
+    session.check_device(args.device)
     engine = batch.make_engine(
         args.engine, args.model, args.device, workers=args.workers, address=args.ray_address, threads=args.threads
     )
@@ -199,15 +207,18 @@ def _ui(args: argparse.Namespace) -> int:
     size = _size(args)
     session.parse_size(size)
     session.parse_steps(args.steps)
-    torch.set_num_threads(args.threads)
-    if args.config is not None and not Path(args.model).expanduser().is_file():
+    singles = [m for m in args.model or [] if Path(m).expanduser().is_file()]
+    if args.config is not None and not singles:
         raise UsageError("--config applies to single-file checkpoints (.safetensors / .ckpt) only")
+    models = [session.check_model(m, args.config if m in singles else None) for m in args.model or []]
+    session.check_device(args.device)
+    torch.set_num_threads(args.threads)
     options = dict(dtype=args.dtype, config=args.config, offload=args.offload, vae_tiling=args.vae_tiling)
     try:
         server = make_server(
             args.host,
             args.port,
-            model=args.model,
+            model=models,
             steps=args.steps,
             size=size,
             device=args.device,
@@ -227,6 +238,21 @@ def _ui(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options every command has, checked before the command does anything."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
+    port = getattr(args, "port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: must be 0..65535 (0: any free port)")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed <= session.MAX_SEED:
+        raise UsageError(f"--seed {seed}: must be an integer 0..{session.MAX_SEED}")
+    if args.command == "demo":
+        session.parse_steps(args.steps)
 
 
 #: ``daam-fast batch`` exits with this plus the number of failed items (at most 100).
@@ -400,7 +426,14 @@ def _parser() -> argparse.ArgumentParser:
         "request\n(the same files as `daam-fast generate`) go under --workdir (default: a new temp folder).",
         formatter_class=raw,
     )
-    u.add_argument("--model", default=loading.DEMO, help=f"default model of the page: {MODEL_HELP} (default: demo)")
+    u.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        default=None,
+        help=f"the model(s) the page offers, each a {MODEL_HELP}; the first is the default; the demo model is "
+        "always offered (the default when no --model is given)",
+    )
     u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     u.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     u.add_argument("--steps", type=int, default=20, help="default steps of the page (default 20)")
@@ -425,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_numbers(args)
         if args.command != "analyze":  # demo and ui show their own progress, not the libraries' loading bars
             _quiet_third_party(args.command in ("demo", "ui", "batch") or args.quiet)
         return args.func(args)

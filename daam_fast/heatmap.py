@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import heatmap_file
+from .heatmap_file import FORMAT_VERSION, HeatMapFileError
 from .tokens import PromptTokens, WordNotFoundError
 
 __all__ = [
@@ -25,14 +25,6 @@ __all__ = [
     "WordHeatMap",
     "load",
 ]
-
-#: Version of the saved-file layout; files from a newer version are refused.
-FORMAT_VERSION = 1
-_FORMAT = "daam_fast.heatmap"
-
-
-class HeatMapFileError(ValueError):
-    """A saved heat-map file is corrupt, truncated, not ours, or from a newer format version."""
 
 
 class HeatMapSelectionError(ValueError, RuntimeError):
@@ -241,64 +233,13 @@ class GlobalHeatMap:
     def save(self, path: str | os.PathLike, **extra_meta: Any) -> Path:
         """Write maps (safetensors) and metadata (JSON in the safetensors header) to ``path``, atomically:
         a temporary file in the same folder is renamed, so an interrupted save leaves no partial file."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        meta = {**self.meta, **extra_meta}
-        header = {
-            "format": _FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "tokens": json.dumps(self.tokens.to_dict(), ensure_ascii=False),
-            "positions": json.dumps(self.positions),
-            "meta": json.dumps(meta, ensure_ascii=False, default=str),
-        }
-        tmp = (path.parent or Path(".")) / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        # safetensors (like mkstemp) writes 0600 files; the final file gets the mode open() would give it,
-        # 0o666 minus the umask, read off the file just created without touching the process-wide umask.
-        mode = tmp.stat().st_mode & 0o777
-        try:
-            save_file({"heat_maps": self.heat_maps.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
-            os.chmod(tmp, mode)
-            # The data must be on disk before the rename, or a crash could leave an empty file under the final name.
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return heatmap_file.write(path, self.heat_maps, self.tokens, self.positions, {**self.meta, **extra_meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GlobalHeatMap:
-        """Read a file written by :meth:`save`. Raises :class:`HeatMapFileError` for corrupt, truncated or
-        foreign files and for files of a newer format version."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                if header.get("format") != _FORMAT:
-                    raise HeatMapFileError(f"{path} is not a daam_fast heat-map file (format={header.get('format')!r})")
-                version = int(header.get("format_version", "0"))
-                if version > FORMAT_VERSION:
-                    raise HeatMapFileError(
-                        f"{path} has format version {version}; this daam_fast reads up to {FORMAT_VERSION}: "
-                        "upgrade daam_fast"
-                    )
-                maps = f.get_tensor("heat_maps")
-            tokens = PromptTokens.from_dict(json.loads(header["tokens"]))
-            positions = json.loads(header["positions"])
-            meta = json.loads(header["meta"])
-        except HeatMapFileError:
-            raise
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # safetensors raises several types for damaged files
-            raise HeatMapFileError(f"{path} is corrupt or truncated: {exc}") from exc
-        if maps.dim() != 3 or maps.shape[0] != len(positions):
-            raise HeatMapFileError(f"{path}: maps {tuple(maps.shape)} do not match {len(positions)} positions")
+        """Read a file written by :meth:`save`. Raises :class:`HeatMapFileError` for corrupt, truncated, foreign or
+        inconsistent files (every header field is checked) and for files of a newer format version."""
+        tokens, maps, positions, meta = heatmap_file.read(path)
         return cls(tokens, maps, positions=positions, meta=meta)
 
 

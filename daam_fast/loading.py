@@ -25,6 +25,8 @@ __all__ = [
     "DTYPES",
     "OFFLOAD_MODES",
     "UsageError",
+    "check_device",
+    "check_model",
     "default_dtype",
     "load_pipeline",
     "single_file_pipeline_class",
@@ -147,6 +149,37 @@ def _source(model: str, config, what: str) -> tuple[str, Path | None, Path | Non
     return "hub", None, None
 
 
+def check_model(model: str, config: str | None = None, *, what: str = "--model") -> str:
+    """``model`` when it can name a pipeline: ``demo``, an existing diffusers folder, a single-file checkpoint
+    (``.safetensors`` / ``.ckpt``, with ``config`` an optional diffusers folder), or a hub id. Raises
+    :class:`UsageError` for an empty name, a missing folder or file, or one that is no pipeline; nothing is loaded."""
+    if not isinstance(model, str) or not model.strip():
+        raise UsageError(f"{what} is empty: give a diffusers pipeline folder, a checkpoint file, a hub id or demo")
+    _source(model, config, what)
+    return model
+
+
+def check_device(device: str, *, what: str = "--device") -> str:
+    """``device`` when this machine has it: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or another torch device type.
+    Raises :class:`UsageError` for a malformed name or a CUDA device that is not there."""
+    import torch
+
+    if device == "auto":
+        return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"{what} {device!r}: expected auto, cpu, cuda, cuda:N (or another torch device)") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{what} {device!r}: CUDA is not available on this machine (use cpu or auto)")
+        if parsed.index is not None and parsed.index >= count:
+            raise UsageError(f"{what} {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
+
+
+
 def load_pipeline(
     model: str,
     device: str = "auto",
@@ -168,6 +201,7 @@ def load_pipeline(
     """
     import torch
 
+    check_model(model, config, what=what)
     kind, path, config = _source(model, config, what)
     if offload is not None and offload not in OFFLOAD_MODES:
         raise UsageError(f"--offload {offload!r}: valid are {', '.join(OFFLOAD_MODES)}")

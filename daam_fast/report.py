@@ -62,6 +62,10 @@ RUN_FIELDS = (
 )
 
 
+#: Longest side, in pixels, of the image (or its grey stand-in) drawn inside figures.
+FIGURE_IMAGE_SIDE = 512
+
+
 def safe_name(word: str) -> str:
     """A file-name-safe form of ``word`` (letters, digits, ``-`` and ``_`` of any script kept)."""
     return re.sub(r"[^\w-]+", "_", word).strip("_") or "word"
@@ -140,16 +144,23 @@ def write_run(
         if negative_maps is not None:
             negative_maps.save(base / "negative_maps.safetensors", seed=seed)
             entry["negative_maps"] = rel("negative_maps.safetensors")
-    shown = image
-    if shown is None:
-        h, w = maps.heat_maps.shape[-2:]
-        shown = Image.new("RGB", (256, max(1, round(256 * h / w))), (128, 128, 128))
+    # The figures draw the image (or a grey stand-in of the maps' aspect) at most FIGURE_IMAGE_SIDE pixels a side:
+    # their size is fixed, so a larger copy shows nothing more, and a map file of extreme aspect (1000 x 1) must
+    # not become a 256 x 256000 picture.
+    h, w = maps.heat_maps.shape[-2:]
+    if image is None:
+        scale = FIGURE_IMAGE_SIDE / max(h, w)
+        shown = Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (128, 128, 128))
+    else:
+        shown = image.copy()
+        shown.thumbnail((FIGURE_IMAGE_SIDE, FIGURE_IMAGE_SIDE))
     tag = f"{prefix}/" if prefix else ""
     figs.add(f"{tag}overlay_grid", rel("overlay_grid.png"), Fg.overlay_grid(shown, maps, words, model=model))
     overlap = A.concept_overlap(maps, words)
     dominance = A.dominance_map(maps, words)
     figs.add(f"{tag}overlap", rel("overlap.png"), Fg.overlap_figure(overlap, model=model))
-    figs.add(f"{tag}dominance", rel("dominance.png"), Fg.dominance_figure(dominance, image, model=model))
+    picture = None if image is None else shown
+    figs.add(f"{tag}dominance", rel("dominance.png"), Fg.dominance_figure(dominance, picture, model=model))
     entry["influence"] = _influence(maps)
     entry["negative_influence"] = None
     if negative_maps is not None and negative_maps.tokens.words:

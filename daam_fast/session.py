@@ -17,6 +17,8 @@ Nothing here prints or changes global state (threads, logging): the front ends d
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,21 +28,26 @@ from . import analysis as A
 from . import families
 from .families.base import call_default
 from .generation import Generation, trace_generation, trace_time_profile
-from .heatmap import GlobalHeatMap, HeatMapFileError
-from .loading import UsageError, load_pipeline
+from .heatmap import HeatMapFileError, load
+from .loading import UsageError, check_device, check_model, load_pipeline
 from .report import FigureSet, build_report, sweep_and_profile, write_report, write_run
-from .tokens import PromptTokens, WordNotFoundError
+from .tokens import PromptTokens, WordNotFoundError, find_in_text, text_words
 
 __all__ = [
     "Request",
     "UsageError",
     "analyze",
+    "check_device",
+    "check_guidance",
+    "check_model",
+    "check_out_dir",
     "check_words",
     "generate",
     "load_pipeline",
     "make_request",
     "parse_seeds",
     "parse_size",
+    "parse_steps",
     "pipe_kwargs",
     "prompt_sources",
     "run_seed",
@@ -76,22 +83,46 @@ def _option(prefix: str, name: str) -> str:
     return prefix + (name.replace("_", "-") if prefix else name)
 
 
+#: Seeds torch.Generator.manual_seed takes: 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+#: Denoising steps a request may ask for: diffusers' schedulers are trained on 1000 timesteps and refuse more.
+MAX_STEPS = 1000
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error message: its repr, cut at ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_seeds(text: str, *, what: str = "--seeds", limit: int = 1000) -> list[int]:
-    """``"3"``, ``"0-7"`` or ``"1,4,9"`` as distinct seeds in order; at most ``limit`` of them."""
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+    """``"3"``, ``"0-7"`` or ``"1,4,9"`` as distinct seeds in order; at most ``limit`` of them, each 0..2**64-1.
+    Sizes are checked before anything is built, so ``0-999999999999`` costs no memory."""
+    text = str(text)
+    parts = text.split(",")
+    if len(parts) > limit:
+        raise UsageError(f"{what} {_shown(text)}: {len(parts)} entries is more than {limit}")
+    ranges = []
+    for part in parts:
+        m = re.fullmatch(r"\s*([0-9]{1,20})(?:-([0-9]{1,20}))?\s*", part)
+        if not m and re.fullmatch(r"\s*[0-9]+(?:-[0-9]+)?\s*", part):
+            raise UsageError(f"{what} {_shown(text)}: seeds must be integers 0..{MAX_SEED}")
         if not m:
-            raise UsageError(f"{what} {text!r}: expected e.g. 0, 0-7 or 1,4,9 (non-negative integers)")
+            raise UsageError(f"{what} {_shown(text)}: expected e.g. 0, 0-7 or 1,4,9 (non-negative integers)")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi > MAX_SEED:
+            raise UsageError(f"{what} {_shown(text)}: seeds must be integers 0..{MAX_SEED}")
         if hi < lo:
-            raise UsageError(f"{what} {text!r}: range {part} is empty (end before start)")
-        seeds.extend(range(lo, hi + 1))
-    seeds = list(dict.fromkeys(seeds))
-    if len(seeds) > limit:
-        raise UsageError(f"{what} {text!r}: {len(seeds)} seeds is more than {limit}")
-    return seeds
+            raise UsageError(f"{what} {_shown(text)}: range {part.strip()} is empty (end before start)")
+        if hi - lo + 1 > limit:
+            raise UsageError(f"{what} {_shown(text)}: {hi - lo + 1} seeds is more than {limit}")
+        ranges.append((lo, hi))
+    seeds: dict[int, None] = {}  # at most `limit` entries of at most `limit` seeds each: bounded work and memory
+    for lo, hi in ranges:
+        for seed in range(lo, hi + 1):
+            seeds[seed] = None
+            if len(seeds) > limit:
+                raise UsageError(f"{what} {_shown(text)}: more than {limit} seeds")
+    return list(seeds)
 
 
 def parse_size(text: str, *, what: str = "--size") -> tuple[int, int]:
@@ -106,14 +137,34 @@ def parse_size(text: str, *, what: str = "--size") -> tuple[int, int]:
 
 
 def parse_steps(value, *, what: str = "--steps") -> int:
-    """Denoising steps, at least 1."""
-    try:
+    """Denoising steps: a whole number 1..:data:`MAX_STEPS` (an int, a string of digits or an integral float;
+    ``2.9`` is refused, not rounded)."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
         steps = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what} {value!r}: expected a whole number of steps") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        steps = value
+    elif isinstance(value, float) and value.is_integer():
+        steps = int(value)
+    else:
+        raise UsageError(f"{what} {_shown(str(value))}: expected a whole number of steps")
     if steps < 1:
         raise UsageError(f"{what} {steps}: must be at least 1")
+    if steps > MAX_STEPS:
+        raise UsageError(f"{what} {steps}: at most {MAX_STEPS} (diffusers' schedulers are trained on that many)")
     return steps
+
+
+def check_guidance(value, *, what: str = "--guidance-scale") -> float | None:
+    """A classifier-free guidance scale: a finite number >= 0, or None (the pipeline's own default)."""
+    if value is None:
+        return None
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} {_shown(str(value))}: expected a number") from None
+    if isinstance(value, bool) or not math.isfinite(scale) or scale < 0:
+        raise UsageError(f"{what} {scale}: must be a finite number >= 0")
+    return scale
 
 
 def make_request(
@@ -135,23 +186,48 @@ def make_request(
     def option(name):
         return _option(option_prefix, name)
 
-    prompt = str(prompt or "")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if text is not None and not isinstance(text, str):
+            raise UsageError(f"{option(name)} must be a string, got {type(text).__name__}")
+    prompt = prompt or ""
     if not prompt.strip():
         raise UsageError(f"{option('prompt')} is empty")
+    if not text_words(prompt):  # nothing to map: found now, not after loading a model and generating
+        raise UsageError(f"{option('prompt')} {_shown(prompt)} has no words (letters or digits) to map")
     steps = parse_steps(steps, what=option("steps"))
     seed_list = parse_seeds(seeds, what=option("seeds"), limit=max_seeds)
     width, height = parse_size(size, what=option("size"))
+    guidance = check_guidance(guidance_scale, what=option("guidance_scale"))
+    for word in words or ():
+        try:  # in the prompt at all; the tokenizers' truncation is checked once the model is loaded
+            find_in_text(prompt, word)
+        except (WordNotFoundError, ValueError, TypeError) as exc:
+            raise UsageError(f"{option('words')}: {exc}") from None
     return Request(
         prompt=prompt,
         seeds=tuple(seed_list),
         steps=steps,
         size=(width, height),
-        negative_prompt=(str(negative_prompt).strip() or None) if negative_prompt is not None else None,
-        guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        negative_prompt=(negative_prompt.strip() or None) if negative_prompt is not None else None,
+        guidance_scale=guidance,
         words=None if words is None else tuple(words),
         time_profile=bool(time_profile),
         option_prefix=option_prefix,
     )
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def check_out_dir(out: str | os.PathLike, *, what: str = "--out") -> Path:
+    """``out`` as a :class:`Path` when it is (or can be made) a writable folder: it is no file, and its nearest
+    existing ancestor is a writable folder. Raises :class:`UsageError` otherwise; nothing is created."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"{str(existing)!r} is a file"
+        raise UsageError(f"{what} {str(out)!r}: {where}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {str(out)!r}: {str(existing)!r} is not writable")
+    return out
 
 
 def prompt_sources(pipe, prompt: str) -> list[families.TextSource]:
@@ -268,22 +344,21 @@ def analyze(
     (``command: analyze``); returns the report. Overlays use ``image`` (one maps file only) or the
     ``image.png`` next to each maps file. Bad files or words raise :class:`UsageError` (``what`` names the words'
     option)."""
-    from PIL import Image
-
     loaded = []
     for f in paths:
         p = Path(f)
         if not p.is_file():
             raise UsageError(f"{f}: no such file")
         try:
-            loaded.append(GlobalHeatMap.load(p))
+            loaded.append(load(p))  # the one loader: SD3 / Flux files keep every text source (T5 too)
         except HeatMapFileError as exc:
             raise UsageError(str(exc)) from None
     prompts = {g.prompt for g in loaded}
     if len(prompts) > 1:
         raise UsageError(f"the maps files have different prompts {sorted(prompts)}; analyse them one at a time")
     if words is not None:
-        words = _words_in([loaded[0].tokens], words, what)
+        sources = getattr(loaded[0], "sources", None)
+        words = _words_in([t for t, _ in sources.values()] if sources else [loaded[0].tokens], words, what)
     shapes = {tuple(g.heat_maps.shape[1:]) for g in loaded}
     if len(shapes) > 1:
         raise UsageError(f"the maps files have different latent sizes {sorted(shapes)}")
@@ -291,14 +366,18 @@ def analyze(
         raise UsageError("--image works with one maps file; with several, each uses the image.png next to it")
     if image and not Path(image).is_file():
         raise UsageError(f"--image {image}: no such file")
+    # Every image is read before anything is written: an unreadable one is a bad argument, not a crash midway.
+    pictures = [
+        _read_image(Path(image), "--image ") if image else _read_image(Path(paths[i]).parent / "image.png")
+        for i in range(len(loaded))
+    ]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = words if words is not None else A.prompt_words(loaded[0])
     figs = FigureSet(out)
     runs = []
     for i, gm in enumerate(loaded):
-        image_path = Path(image) if image else Path(paths[i]).parent / "image.png"
-        picture = Image.open(image_path).convert("RGB") if image_path.is_file() else None
+        picture = pictures[i]
         prefix = f"map{i}" if len(loaded) > 1 else ""
         name = gm.meta.get("model_name") or gm.meta.get("model")
         run = write_run(
@@ -325,6 +404,20 @@ def analyze(
         size=None if size is None else [size[1], size[0]],
         guidance_scale=None,
     )
+
+
+def _read_image(path: Path, what: str = ""):
+    """The RGB image at ``path`` (None when there is no file), or :class:`UsageError` naming it when it cannot be
+    read as an image."""
+    from PIL import Image
+
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"{what}{path}: not a readable image ({type(exc).__name__})") from None
 
 
 def _report(out: Path, command: str, figs: FigureSet, **fields) -> dict:

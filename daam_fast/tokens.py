@@ -43,7 +43,9 @@ __all__ = [
     "TruncatedWordError",
     "Word",
     "WordNotFoundError",
+    "find_in_text",
     "strip_weighting",
+    "text_words",
     "tokenize_prompt",
     "tokenize_shared",
 ]
@@ -193,9 +195,24 @@ def _find(query: list[_Segment], words: list[_Segment]) -> list[list[tuple[int, 
     return found
 
 
-def _overlapping(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    # Special tokens carry the empty span (0, 0) in fast tokenizers, so they never overlap a word.
-    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+class _SpanIndex:
+    """Token positions whose span overlaps a query span in ``O(log n + k)``, so a long prompt's lookups stay linear.
+    Spans come in text order (starts and ends non-decreasing): the tokens starting before the query's end are a
+    prefix, and of those the ones ending after its start a suffix. Spans out of order are scanned instead."""
+
+    def __init__(self, offsets: Sequence[tuple[int, int]]):
+        self.offsets = offsets
+        kept = [(a, b, i) for i, (a, b) in enumerate(offsets) if b > 0]  # special tokens' (0, 0) overlap nothing
+        self.starts, self.ends, self.index = ([k[j] for k in kept] for j in range(3))
+        self.ordered = all(x <= y for col in (self.starts, self.ends) for x, y in itertools.pairwise(col))
+
+    def overlapping(self, start: int, end: int) -> list[int]:
+        """Positions ``i`` (ascending) with ``offsets[i][0] < end`` and ``offsets[i][1] > start``."""
+        if not self.ordered:
+            return [i for i, (a, b) in enumerate(self.offsets) if a < end and b > start]
+        hi = bisect.bisect_left(self.starts, end)
+        lo = bisect.bisect_right(self.ends, start, 0, hi)
+        return self.index[lo:hi]
 
 
 def _dedup(xs: Iterable):
@@ -265,10 +282,18 @@ class PromptTokens:
     def _segments(self) -> list[_Segment]:
         return _segment(self.prompt)
 
+    @functools.cached_property
+    def _window_index(self) -> _SpanIndex:
+        return _SpanIndex(self.offsets)
+
+    @functools.cached_property
+    def _untruncated_index(self) -> _SpanIndex | None:
+        return _SpanIndex(self.untruncated_offsets) if self.untruncated_offsets else None
+
     def _span_positions(self, start: int, end: int) -> tuple[list[int], int]:
         """Window positions overlapping ``prompt[start:end]`` and how many tokens overlap it untruncated."""
-        kept = _overlapping(self.offsets, start, end)
-        full = len(_overlapping(self.untruncated_offsets, start, end)) if self.untruncated_offsets else len(kept)
+        kept = self._window_index.overlapping(start, end)
+        full = len(self._untruncated_index.overlapping(start, end)) if self._untruncated_index else len(kept)
         return kept, full
 
     def _word_list(self) -> str:
@@ -293,12 +318,9 @@ class PromptTokens:
         prompt, ``TruncatedWordError`` when it (or the requested occurrence) lies beyond the window, and
         ``ValueError`` for an out-of-range ``occurrence`` or a query with no word characters.
         """
-        query = _segment(word)
-        if not query:
-            raise ValueError(f"the query {word!r} has no word characters (letters or digits)")
-        found = _find(query, self._segments)
-        if not found:
-            raise WordNotFoundError(f"{word!r} is not in the prompt {self.prompt!r}; {self._word_list()}")
+        if occurrence is not None and (isinstance(occurrence, bool) or not hasattr(occurrence, "__index__")):
+            raise TypeError(f"occurrence must be an int or None, got {occurrence!r} ({type(occurrence).__name__})")
+        found = self._occurrences(word)
         per_occurrence = []
         for spans in found:
             kept = _dedup(p for s, e in spans for p in self._span_positions(s, e)[0])
@@ -317,6 +339,18 @@ class PromptTokens:
             raise TruncatedWordError(self._truncated_message(word, len(found), occurrence))
         return per_occurrence[occurrence]
 
+    def _occurrences(self, word: str) -> list[list[tuple[int, int]]]:
+        """Occurrences of ``word`` (one character span per query word), or the errors :meth:`positions` raises."""
+        if not isinstance(word, str):
+            raise TypeError(f"word must be a str, got {type(word).__name__}: {word!r}")
+        query = _segment(word)
+        if not query:
+            raise ValueError(f"the query {word!r} has no word characters (letters or digits)")
+        found = _find(query, self._segments)
+        if not found:
+            raise WordNotFoundError(f"{word!r} is not in the prompt {self.prompt!r}; {self._word_list()}")
+        return found
+
     def _truncated_message(self, word: str, n_found: int, occurrence: int | None = None) -> str:
         which = f"occurrence {occurrence} of {word!r}" if occurrence is not None else repr(word)
         if occurrence is None and n_found > 1:
@@ -331,6 +365,17 @@ class PromptTokens:
     def word_positions(self) -> list[tuple[str, list[int]]]:
         """Each word occurrence kept in the window, in prompt order, with its token positions."""
         return [(w.text, list(w.positions)) for w in self.words]
+
+
+def text_words(text: str) -> list[str]:
+    """The words of ``text`` in order, as word lookup splits it (weighting syntax is no word)."""
+    return [text[s.start : s.end] for s in _segment(text)]
+
+
+def find_in_text(text: str, word: str) -> int:
+    """How often ``word`` occurs in ``text`` as :meth:`PromptTokens.positions` matches it, before any truncation
+    (no tokenizer: front ends check requests before loading a model). Raises as :meth:`PromptTokens.positions`."""
+    return len(PromptTokens(text, [], [], [], [], [], 0)._occurrences(word))
 
 
 # ----------------------------------------------------------------------------------------------- encoding

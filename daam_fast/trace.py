@@ -36,6 +36,7 @@ from .accumulate import (
     select_image,
     step_buffers,
 )
+from .accumulate.options import as_int, check_flag, describe
 from .experiment import GenerationExperiment, as_pil
 from .families import UnsupportedPipelineError
 from .heatmap import GlobalHeatMap
@@ -150,8 +151,8 @@ class Trace:
         self.family = families.detect(pipe)
         self.pipe = pipe
         self.model = self.family.model(pipe)
-        located = self.family.locate(self.model, mid_block=mid_block)
-        if low_memory:
+        located = self.family.locate(self.model, mid_block=check_flag("mid_block", mid_block))
+        if check_flag("low_memory", low_memory):
             located = [located[i] for i in self.family.low_memory_layers([name for name, _, _ in located])]
         if not located:
             raise UnsupportedPipelineError(
@@ -188,7 +189,7 @@ class Trace:
         ]
         #: the records and heat buffers; the processors' capture sink.
         self.accumulator = Accumulator(self.options, plans, self._prompt_positions)
-        self._originals: list = []
+        self._installed: list = []  # (module, its processor before, the capture processor installed)
         self._hooks: list = []
         self._shadowed: list = []
         self._active = False
@@ -204,6 +205,9 @@ class Trace:
     def _select_layers(self, layers) -> frozenset[int]:
         if layers is None:
             return frozenset(range(len(self.layers)))
+        what = "layers must be a list of layer indices or names"
+        if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+            raise TypeError(f"{what}, got {describe(layers)}")
         by_name = {info.name: info.idx for info in self.layers}
         chosen = set()
         for item in layers:
@@ -211,8 +215,10 @@ class Trace:
                 if item not in by_name:
                     raise ValueError(f"unknown layer {item!r}; valid names: {list(by_name)}")
                 chosen.add(by_name[item])
-            elif isinstance(item, int) and 0 <= item < len(self.layers):
-                chosen.add(item)
+            elif (idx := as_int(item)) is None:
+                raise TypeError(f"{what}, got {describe(item)} in it")
+            elif 0 <= idx < len(self.layers):
+                chosen.add(idx)
             else:
                 raise ValueError(f"layer {item!r} out of range: valid indices 0..{len(self.layers) - 1}")
         if not chosen:
@@ -229,9 +235,10 @@ class Trace:
             _ACTIVE.add(self.model)
         try:
             for idx, mod in enumerate(self._modules):
-                self._originals.append(mod.processor)
                 if idx in self._enabled:
-                    mod.set_processor(self.family.processor(mod.processor, self.accumulator, idx))
+                    wrapper = self.family.processor(mod.processor, self.accumulator, idx)
+                    self._installed.append((mod, mod.processor, wrapper))
+                    mod.set_processor(wrapper)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             self._wrap_check_inputs()
             self._wrap_postprocess()
@@ -247,9 +254,12 @@ class Trace:
         self._restore()
 
     def _restore(self) -> None:
-        for mod, orig in zip(self._modules, self._originals, strict=False):
-            mod.set_processor(orig)
-        self._originals = []
+        # Only what the tracer installed and is still installed: a processor the user set inside the block
+        # (pipe.enable_attention_slicing(), set_attn_processor, ...) stays, on traced layers as on the others.
+        for mod, original, wrapper in self._installed:
+            if mod.processor is wrapper:
+                mod.set_processor(original)
+        self._installed = []
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -423,6 +433,8 @@ class Trace:
         maps = aggregate(rec, self.options, factors, head_idx, layer_idx, bufs)  # [R, T, H, W]
         maps, text = select_image(rec, maps, image_idx, negative)
         if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}")
             text = ImageText(prompt)
         if text.prompt is None:
             raise ValueError("the traced call's prompt is unknown (prompt_embeds?): pass prompt=... to name its words")

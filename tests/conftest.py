@@ -45,3 +45,26 @@ def pyplot(monkeypatch):
     yield plt
     plt.close("all")
     assert matplotlib.get_backend() == backend
+
+
+@pytest.fixture(scope="session")
+def ui_server(sd_pipe, tmp_path_factory):
+    """A running web UI (daam_fast.ui) on a free localhost port, serving the tiny SD pipeline as model "tiny"."""
+    import threading
+
+    from daam_fast.ui import make_server
+
+    srv = make_server(
+        "127.0.0.1",
+        0,
+        model="tiny",
+        steps=2,
+        size="32x32",
+        pipelines={"tiny": sd_pipe},
+        workdir=tmp_path_factory.mktemp("ui"),
+    )
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

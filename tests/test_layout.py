@@ -25,7 +25,13 @@ LAYERS = [
     ("processors", ["daam_fast.processors"]),
     (
         "heat maps, tokens, experiment folders",
-        ["daam_fast.heatmap", "daam_fast.tokens", "daam_fast.tokens_slow", "daam_fast.experiment"],
+        [
+            "daam_fast.heatmap",
+            "daam_fast.heatmap_file",
+            "daam_fast.tokens",
+            "daam_fast.tokens_slow",
+            "daam_fast.experiment",
+        ],
     ),
     ("kernels", ["daam_fast.kernels"]),
     ("version", ["daam_fast.version"]),

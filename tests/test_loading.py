@@ -209,8 +209,9 @@ def test_ui_without_model_serves_the_demo_model(tmp_path):
     from daam_fast.ui import UIServer
 
     args = _parser().parse_args(["ui"])
-    assert args.model == "demo" and _size(args) == "32x32"  # the demo model's own size
-    srv = UIServer(("127.0.0.1", 0), model=args.model, steps=2, size=_size(args), device="cpu", workdir=tmp_path)
+    assert args.model is None and _size(args) == "32x32"  # no --model: the demo model, at its own size
+    srv = UIServer(("127.0.0.1", 0), model=args.model or [], steps=2, size=_size(args), device="cpu", workdir=tmp_path)
+    assert srv.default_model == "demo"
     try:
         res = srv.generate({"prompt": PROMPT})
     finally:

@@ -4,40 +4,26 @@ import json
 import os
 import shutil
 import socket
-import threading
 import urllib.error
 import urllib.request
 
 import pytest
 from PIL import Image
 
-from daam_fast.ui import make_server
-
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 PROMPT = "a red circle and a blue square"
 
 
 @pytest.fixture(scope="module")
-def server(sd_pipe, tmp_path_factory):
-    srv = make_server(
-        "127.0.0.1",
-        0,
-        model="tiny",
-        steps=2,
-        size="32x32",
-        pipelines={"tiny": sd_pipe},
-        workdir=tmp_path_factory.mktemp("ui"),
-    )
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    host, port = srv.server_address[:2]
-    yield srv, f"http://{host}:{port}"
-    srv.shutdown()
-    srv.server_close()
+def server(ui_server):
+    host, port = ui_server.server_address[:2]
+    return ui_server, f"http://{host}:{port}"
 
 
 def _post(url, body: dict):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, json.loads(r.read())

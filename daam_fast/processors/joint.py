@@ -18,7 +18,6 @@ capture then recomputes ``q``/``k`` (RoPE included) and normalises on its own.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 import torch
@@ -33,6 +32,7 @@ try:
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 except ImportError:  # diffusers < 0.35: FluxCaptureProcessor refuses with the minimum version
     FluxAttnProcessor = _get_qkv_projections = None
+from .forwarding import Forward, mirror_signature
 
 __all__ = ["FluxCaptureProcessor", "JointCaptureSink", "SD3JointCaptureProcessor"]
 
@@ -64,34 +64,6 @@ def _attention_call(query, key, value, attn_mask):
     return attention_with_lse(query, key, value, attn_mask=attn_mask)
 
 
-def _mirror_signature(processor, original) -> None:
-    """Give ``processor.__call__`` the signature of ``original.__call__``.
-
-    diffusers' attention modules drop every keyword argument (``joint_attention_kwargs``: IP-Adapter's
-    ``ip_hidden_states``, a custom processor's own options) that the installed processor's ``__call__`` does not
-    name, so the wrapper must name what the wrapped processor names. Calls still go to the class's ``__call__``.
-    """
-    call = type(processor).__call__.__get__(processor)
-
-    def __call__(*args, **kwargs):
-        return call(*args, **kwargs)
-
-    try:
-        __call__.__signature__ = inspect.signature(original.__call__)
-    except (TypeError, ValueError):  # no introspectable signature: keep the wrapper's own
-        return
-    processor.__call__ = __call__
-
-
-def _call_original(original, attn, *args, **kwargs):
-    """Call the wrapped processor with only the keyword arguments its signature takes (as diffusers filters
-    them for the installed processor)."""
-    params = inspect.signature(original.__call__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return original(attn, *args, **kwargs)
-
-
 class SD3JointCaptureProcessor:
     """Wraps the processor of one SD3 joint-attention module (``JointTransformerBlock.attn``).
 
@@ -106,13 +78,12 @@ class SD3JointCaptureProcessor:
         self.sink = sink
         self.layer_idx = layer_idx
         self.reproduces_original = type(original) is JointAttnProcessor2_0 and reproduces_bodies()
-        _mirror_signature(self, original)
+        self._forward = Forward(original)
+        mirror_signature(self, original)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if not self.reproduces_original or encoder_hidden_states is None:
-            out = _call_original(
-                self.original, attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
-            )
+            out = self._forward(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
             if encoder_hidden_states is not None:
                 self._recompute_capture(attn, hidden_states, encoder_hidden_states)
             return out
@@ -221,7 +192,8 @@ class FluxCaptureProcessor:
         self.layer_idx = layer_idx
         # Whether this diffusers' FluxAttnProcessor body is the one repeated below (the backend is checked per call).
         self.body_checked = reproduces_bodies()
-        _mirror_signature(self, original)
+        self._forward = Forward(original)
+        mirror_signature(self, original)
 
     def __call__(
         self,
@@ -233,8 +205,7 @@ class FluxCaptureProcessor:
         **kwargs,
     ):
         if not (self.body_checked and _flux_stock(self.original)):
-            out = _call_original(
-                self.original,
+            out = self._forward(
                 attn,
                 hidden_states,
                 encoder_hidden_states,

@@ -29,6 +29,7 @@ from diffusers.models.attention_processor import (
 
 from ..kernels.ops import emit_attention, register_sink
 from .attention import attention_with_lse, mask_to_bias
+from .forwarding import Forward, mirror_signature
 from .lse_sources import xformers_with_lse
 from .versions import reproduces_bodies
 
@@ -89,6 +90,10 @@ class UNetCrossAttnCaptureProcessor:
         if self.kind is not None and not reproduces_bodies():
             self.kind = None
         self.reproduces_original = self.kind is not None
+        # The attention module passes on only the keywords the wrapped processor names (SlicedAttnProcessor takes
+        # no temb; a custom processor may take its own options), and the wrapper forwards exactly those.
+        self._forward = Forward(original)
+        mirror_signature(self, original)
         # For the compiled path: the sink as an int, and a call counter the op mutates (keeps it alive).
         self._sink_id = register_sink(sink)
         self._calls = torch.zeros((), dtype=torch.int64)
@@ -178,7 +183,17 @@ class UNetCrossAttnCaptureProcessor:
         return query, key, value
 
     def _wrapped_call(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs):
-        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if args:  # called positionally beyond temb (diffusers never does): pass everything on as given
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        else:
+            out = self._forward(
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                temb=temb,
+                **kwargs,
+            )
         # Recompute q and k as the standard path builds them; normalise over all keys ourselves.
         with torch.no_grad():
             x = hidden_states

@@ -90,7 +90,8 @@ def test_batch_writes_each_item_the_index_and_the_summary(finished, demo_pipe):
         with Image.open(out / rec["image"]) as im:
             assert im.size == (32, 32)
         shares = {r["word"]: r["share"] for r in rec["influence"]}
-        assert set(shares) == {"a", "red", "circle", "and", "blue", "square"} and 0.99 < sum(shares.values()) <= 1.0 + 1e-12  # fractions of one total, fp64 sums
+        assert set(shares) == {"a", "red", "circle", "and", "blue", "square"}
+        assert 0.99 < sum(shares.values()) <= 1.0 + 1e-12  # fractions of one total, summed in fp64
     # An item is the session's traced generation of its prompt and seed, saved with the project's saver.
     item = specs[1]
     gen = session.run_seed(demo_pipe, item.request, 1)

@@ -2,7 +2,7 @@
 # One command for a GPU machine (< 8 min on one H100/H200): the GPU test modules, then the capture-kernel
 # timings (SDPA vs SDPA + capture vs fused, 77 and 10 captured columns; the first-use check's cost), then the
 # Triton tile autotuning (candidate tiles timed per model shape), then SDXL at 1024² fp16 (20 steps) vanilla vs
-# traced vs DAAM-style vs fused, then Flux.1 at 1024² bf16 when it fits. Caps: 120 + 40 + 50 + 200 s.
+# traced vs DAAM-style vs fused, then Flux.1 at 1024² bf16 (10 steps) when it fits. Caps: 120 + 40 + 50 + 200 s.
 # Writes gpu_check.json, gpu_check.md, kernels.json, triton_tiles.json, autotune_tiles.md (plus the test log)
 # into $OUT (default ./gpu-check-out).
 # Without a CUDA GPU it says so and exits 0.
@@ -38,7 +38,7 @@ timeout 50 "$PYTHON" -m benchmarks.autotune_tiles --out "$OUT" --budget-s 40
 echo "tile autotuning: exit status $? (124 = stopped at the 50 s cap); $OUT/autotune_tiles.md"
 
 # 4. Full-size pipelines; the script itself skips Flux when its time estimate does not fit.
-timeout 200 "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --tests-rc "$tests_rc" --budget-s 185
+timeout 200 "$PYTHON" -m benchmarks.gpu_check --out "$OUT" --tests-rc "$tests_rc" --budget-s 185 --flux-steps 10
 bench_rc=$?
 echo "results: $OUT/gpu_check.md, $OUT/gpu_check.json"
 if [ "$tests_rc" -ne 0 ]; then exit "$tests_rc"; fi

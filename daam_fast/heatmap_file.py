@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .tokens import PromptTokens
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "HeatMapFileError", "read", "write"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "HeatMapFileError", "atomic_write", "read", "write"]
 
 #: Version of the saved-file layout; files from a newer version are refused.
 FORMAT_VERSION = 1
@@ -45,14 +46,24 @@ def write(path: str | os.PathLike, maps: torch.Tensor, tokens: PromptTokens, pos
         "positions": json.dumps(list(positions)),
         "meta": json.dumps(meta, ensure_ascii=False, default=str),
     }
+    atomic_write(path, lambda tmp: save_file({"heat_maps": maps.detach().float().contiguous().cpu()}, str(tmp),
+                                             metadata=header))  # fmt: skip
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> int:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, sync it, rename it over ``path``; returns the size in
+    bytes. An interrupted write leaves no temporary behind and the previous ``path`` intact. The temporary's name
+    is short whatever ``path``'s (every name the file system allows, 255 bytes, can be written), and the file
+    gets the mode ``open()`` would give it (writers such as safetensors and mkstemp make 0600 files)."""
+    path = Path(path)
     # A prefix of the name (at most 32 characters, 128 bytes) keeps the temporary recognisable and within NAME_MAX.
     tmp = (path.parent or Path(".")) / f".{path.name[:32]}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    # safetensors (like mkstemp) writes 0600 files; the final file gets the mode open() would give it,
     # 0o666 minus the umask, read off the file just created without touching the process-wide umask.
     mode = tmp.stat().st_mode & 0o777
     try:
-        save_file({"heat_maps": maps.detach().float().contiguous().cpu()}, str(tmp), metadata=header)
+        write(tmp)
         os.chmod(tmp, mode)
         # The data must be on disk before the rename, or a crash could leave an empty file under the final name.
         with open(tmp, "rb") as f:
@@ -61,7 +72,7 @@ def write(path: str | os.PathLike, maps: torch.Tensor, tokens: PromptTokens, pos
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return path.stat().st_size
 
 
 def read(path: str | os.PathLike) -> tuple[PromptTokens, torch.Tensor, list[int], dict]:

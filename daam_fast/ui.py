@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlparse, urlsplit
 
 from . import session
 
-__all__ = ["DEMO_MODEL", "PAGE", "UIServer", "make_server", "serve"]
+__all__ = ["DEMO_MODEL", "PAGE", "UIServer", "make_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -404,16 +404,3 @@ def make_server(host: str = "127.0.0.1", port: int = 7860, **kwargs) -> UIServer
     """A :class:`UIServer` bound to ``host:port`` (``port=0``: a free port, see ``server.server_address``);
     call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``. ``kwargs`` go to :class:`UIServer`."""
     return UIServer((host, port), **kwargs)
-
-
-def serve(host: str = "127.0.0.1", port: int = 7860, **kwargs) -> None:
-    """Run the UI until interrupted (``daam-fast ui``)."""
-    server = make_server(host, port, **kwargs)
-    h, p = server.server_address[:2]
-    logger.info("daam-fast UI on http://%s:%s/", h, p)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()

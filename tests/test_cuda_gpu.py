@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_inputs import DEV, qkv, start
 
 from daam_fast.kernels import cuda, dispatch, reference
 
@@ -33,21 +34,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [40, 64, 80, 160]
 # fp32 FMA arithmetic on the same (fp16/bf16-rounded) inputs the float64 oracle upcasts: one tolerance for all.
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-5, 1e-4), torch.bfloat16: (2e-5, 1e-4)}
-DEV = "cuda"
-
-
-def _qk(B, H, L, S, D, dtype, seed=0):
-    """q [B,H,L,D], k and v [B,H,S,D] as views of [B,L,H,D] memory (the layout diffusers' processors make)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.randn(B, L, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    k = torch.randn(B, S, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    v = torch.randn(B, S, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    return q, k, v
-
-
-def _start(shape, seed=1):
-    # Non-zero start: the kernel must add into the heat buffer, not overwrite it.
-    return torch.rand(shape, generator=torch.Generator(device=DEV).manual_seed(seed), device=DEV)
+_qk, _start = qkv, start
 
 
 def _check(got, expected, dtype):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_inputs import DEV, qkv, start
 
 from daam_fast.kernels import reference
 
@@ -26,7 +27,6 @@ if triton_capture.TRITON_IMPORT_ERROR is not None:  # pragma: no cover - depends
     pytest.skip(f"triton unavailable: {triton_capture.TRITON_IMPORT_ERROR}", allow_module_level=True)
 from daam_fast.kernels import triton_fused  # noqa: E402
 
-DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [40, 64, 128, 160]
 # Captured probabilities: fp32 accumulation of exactly representable products (fp16/bf16 inputs on
@@ -35,20 +35,6 @@ CAPTURE_TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-5, 1e-4), torch.b
 # Attention output: the probabilities are rounded to the input dtype for the PV product and the output
 # is stored in it, as flash SDPA does: a few units in the last place of that dtype.
 OUTPUT_TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3.2e-2)}
-
-
-def _qkv(B, H, L, S, D, dtype, seed=0):
-    """q [B,H,L,D], k and v [B,H,S,D] as transposed views of [B,L,H,D] memory (diffusers' layout)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.randn(B, L, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    k = torch.randn(B, S, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    v = torch.randn(B, S, H, D, generator=g, device=DEV).to(dtype).transpose(1, 2)
-    return q, k, v
-
-
-def _start(shape, seed=1):
-    # Non-zero start: the kernels must add into the heat buffer, not overwrite it.
-    return torch.rand(shape, generator=torch.Generator(device=DEV).manual_seed(seed), device=DEV)
 
 
 def _oracle_probs(q, k, idx, bias=None, per_head=False):
@@ -63,11 +49,11 @@ def _oracle_probs(q, k, idx, bias=None, per_head=False):
 def test_capture_from_lse(LT, D, dtype):
     L, T = LT
     B, H, S = 2, 3, 77
-    q, k, _ = _qkv(B, H, L, S, D, dtype)
+    q, k, _ = qkv(B, H, L, S, D, dtype)
     idx = torch.arange(S - T, S, device=DEV)
     # The exact lse, rounded to fp32 as attention kernels return it.
     lse = torch.logsumexp(torch.matmul(q.double(), k.double().transpose(-1, -2)) * D**-0.5, -1).float()
-    out = _start((B, T, L))
+    out = start((B, T, L))
     expected = out.double() + _oracle_probs(q, k, idx)
     triton_capture.capture_from_lse(q, k[:, :, idx], lse, D**-0.5, out)
     torch.testing.assert_close(out.double(), expected, atol=CAPTURE_TOL[dtype][0], rtol=CAPTURE_TOL[dtype][1])
@@ -79,9 +65,9 @@ def test_capture_from_lse(LT, D, dtype):
 def test_capture_self_normalising(LST, D, dtype):
     L, S, T = LST
     B, H = 2, 3
-    q, k, _ = _qkv(B, H, L, S, D, dtype)
+    q, k, _ = qkv(B, H, L, S, D, dtype)
     idx = torch.arange(0, S, max(1, S // T))[:T]
-    out = _start((B, T, L))
+    out = start((B, T, L))
     expected = out.double() + _oracle_probs(q, k, idx.to(DEV))
     triton_fused.capture_self_normalising(q, k, idx, D**-0.5, out)
     torch.testing.assert_close(out.double(), expected, atol=CAPTURE_TOL[dtype][0], rtol=CAPTURE_TOL[dtype][1])
@@ -93,9 +79,9 @@ def test_capture_self_normalising(LST, D, dtype):
 def test_fused_attention_capture(LST, D, dtype):
     L, S, T = LST
     B, H = 2, 3
-    q, k, v = _qkv(B, H, L, S, D, dtype)
+    q, k, v = qkv(B, H, L, S, D, dtype)
     idx = torch.arange(T, device=DEV)
-    out = _start((B, T, L))
+    out = start((B, T, L))
     expected = out.double() + _oracle_probs(q, k, idx)
     o = triton_fused.fused_attention_capture(q, k, v, idx, None, out)
     torch.testing.assert_close(out.double(), expected, atol=CAPTURE_TOL[dtype][0], rtol=CAPTURE_TOL[dtype][1])
@@ -108,10 +94,10 @@ def test_fused_attention_capture(LST, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fused_per_head_and_bias(dtype):
     B, H, L, S, D, T = 2, 4, 1029, 77, 64, 9
-    q, k, v = _qkv(B, H, L, S, D, dtype)
+    q, k, v = qkv(B, H, L, S, D, dtype)
     bias = torch.randn(B, 1, L, S, device=DEV, generator=torch.Generator(device=DEV).manual_seed(3))
     idx = torch.arange(1, 1 + T, device=DEV)
-    out = _start((B, H, T, L))
+    out = start((B, H, T, L))
     expected = out.double() + _oracle_probs(q, k, idx, bias=bias, per_head=True)
     o = triton_fused.fused_attention_capture(q, k, v, idx, None, out, bias=bias)
     torch.testing.assert_close(out.double(), expected, atol=CAPTURE_TOL[dtype][0], rtol=CAPTURE_TOL[dtype][1])

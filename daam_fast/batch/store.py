@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from .. import analysis as A
+from ..heatmap_file import atomic_write
 from ..report import json_safe
 from ..session import UsageError
 from ..version import __version__
@@ -71,21 +71,6 @@ class BatchLockedError(UsageError):
 def dumps(obj, indent: int | None = None) -> str:
     """``obj`` as strict JSON (nan / inf as null, any script as itself); one line unless ``indent``."""
     return json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, indent=indent)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> int:
-    """``write(tmp)`` to a temporary file next to ``path``, flush it to disk, rename it to ``path``; returns the
-    size in bytes."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
 
 
 def _influence(maps) -> list[dict]:

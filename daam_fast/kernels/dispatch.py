@@ -73,19 +73,21 @@ def _forced(backend: str | None) -> str | None:
 
 
 def _pick(q, out, bias, forced: str | None, fused_keys: int | None, kernel: str):
-    """The backends (the forced one only, when given) that can run the call, in order, and why the others cannot.
-    Backends whose first-use check failed for this key in this process are skipped unless forced."""
+    """``(backend, check key)`` of the backends (the forced one only, when given) that can run the call, in order,
+    and why the others cannot. Backends whose first-use check failed for this key in this process are skipped
+    unless forced."""
     candidates = [_REGISTRY[forced]] if forced is not None else backends()
     usable, rejected = [], {}
     for b in candidates:
         reasons = b.not_supported_reasons(q, out, bias, fused_keys=fused_keys)
-        failed = verify.CHECKS.failed(verify.CHECKS.key(b, kernel, q))
+        key = verify.CHECKS.key(b, kernel, q)
+        failed = verify.CHECKS.failed(key)
         if not reasons and failed is not None and forced is None:
             reasons = [f"disabled in this process after its first-use check: {failed}"]
         if reasons:
             rejected[b.name] = reasons
         else:
-            usable.append(b)
+            usable.append((b, key))
     return usable, rejected
 
 
@@ -118,7 +120,7 @@ def select_backend(
     kernel = "fused" if fused_keys is not None else "capture_from_lse"
     usable, rejected = _pick(q, out, bias, forced, fused_keys, kernel)
     if usable:
-        return usable[0]
+        return usable[0][0]
     raise _unavailable(q, out, fused_keys, forced, rejected)
 
 
@@ -131,10 +133,9 @@ def _run(kernel: str, q, out, bias, backend, fused_keys, call, check):
     forced = _forced(backend)
     usable, rejected = _pick(q, out, bias, forced, fused_keys, kernel)
     compiling = torch.compiler.is_compiling()
-    for b in usable:
+    for b, key in usable:
         if compiling or b.name == ORACLE:
             return call(b), b
-        key = verify.CHECKS.key(b, kernel, q)
         # A forced backend's own compile / launch error reaches the caller unchanged.
         why = verify.CHECKS.run(key, lambda b=b: check(b), raise_errors=forced is not None)
         if why is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ENV_VAR", "Backend", "BackendUnavailable", "backends", "register_backend"]
+__all__ = ["ENV_VAR", "Backend", "BackendUnavailable", "backends", "input_reasons", "register_backend"]
 
 #: Environment variable that forces a backend by name (``auto`` or unset: automatic).
 ENV_VAR = "DAAM_FAST_BACKEND"
@@ -70,12 +70,7 @@ class Backend:
                 reasons.append("no fused attention + capture kernel")
             elif fused_keys > self.max_fused_keys:
                 reasons.append(f"{fused_keys} keys > {self.max_fused_keys} (the fused kernel's limit)")
-        if q.device.type not in self.devices:
-            reasons.append(f"device {q.device.type} not in {self.devices}")
-        if q.dtype not in self.dtypes:
-            reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
-        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
-            reasons.append(f"head dim {q.shape[-1]} > {self.max_head_dim}")
+        reasons += input_reasons(q, self.devices, self.dtypes, self.max_head_dim)
         if bias is not None and not self.supports_bias:
             reasons.append("attention bias/mask not supported")
         if out.dim() == 4 and not self.supports_per_head:
@@ -83,6 +78,21 @@ class Backend:
         if self.extra_checks is not None:
             reasons.extend(self.extra_checks(q, out, bias))
         return reasons
+
+
+def input_reasons(
+    q: torch.Tensor, devices: tuple[str, ...], dtypes: tuple[torch.dtype, ...], max_head_dim: int | None
+) -> list[str]:
+    """Why a kernel declared for ``devices`` / ``dtypes`` / ``max_head_dim`` cannot take ``q`` ``[..., D]`` (empty:
+    it can). Shared by the capture backends and the attention kernels that give an lse."""
+    reasons = []
+    if q.device.type not in devices:
+        reasons.append(f"device {q.device.type} not in {devices}")
+    if q.dtype not in dtypes:
+        reasons.append(f"dtype {q.dtype} not in {[str(d) for d in dtypes]}")
+    if max_head_dim is not None and q.shape[-1] > max_head_dim:
+        reasons.append(f"head dim {q.shape[-1]} > {max_head_dim}")
+    return reasons
 
 
 _REGISTRY: dict[str, Backend] = {}

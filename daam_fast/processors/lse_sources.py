@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.registry import input_reasons
 from .attention import _cuda_cudnn, attention_with_lse
 from .versions import DISPATCH_MIN, require_diffusers
 
@@ -108,14 +109,7 @@ class LseSource:
         why = self.available()
         if why:
             return [why]
-        reasons = []
-        if q.device.type not in self.devices:
-            reasons.append(f"device {q.device.type} not in {self.devices}")
-        if q.dtype not in self.dtypes:
-            reasons.append(f"dtype {q.dtype} not in {[str(d) for d in self.dtypes]}")
-        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
-            reasons.append(f"head dim {q.shape[-1]} > {self.max_head_dim}")
-        return reasons
+        return input_reasons(q, self.devices, self.dtypes, self.max_head_dim)
 
 
 def _lse_bhl(lse: torch.Tensor, B: int, H: int, L: int) -> torch.Tensor:

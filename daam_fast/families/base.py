@@ -128,8 +128,13 @@ class Family:
         if not prompts or any(not isinstance(p, str) for p in prompts):
             return None
         positions: set[int] = set()
+        seen = set()
         for i, prompt in enumerate(prompts):
             own = {name: values[i] for name, values in (source_prompts or {}).items() if values}
+            key = (prompt, tuple(sorted(own.items())))
+            if key in seen:  # a batch repeats its prompts (and its default empty negative prompts)
+                continue
+            seen.add(key)
             for src in self.text_sources(pipe, prompt, own, text_len):
                 positions.update(range(src.offset, src.offset + src.tokens.n_tokens()))
         return positions
